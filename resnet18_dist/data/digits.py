@@ -1,0 +1,75 @@
+"""The built-in default dataset: scikit-learn's bundled digits (1,797 real 8x8 scans, 10 classes).
+
+It ships inside scikit-learn, so the main job runs with no network. The images are rendered to
+JPEG files in ImageFolder layout and prepared like any user dataset, into a cache directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from resnet18_dist.data.manifest import MANIFEST
+from resnet18_dist.data.prepare import PrepareOptions, PrepareResult, prepare_dataset
+
+CACHE_ENV = "RESNET18_DIST_CACHE"
+DIGITS_VERSION = "digits-v2"  # bump when rendering or preparation changes the bytes
+DIGITS_SOURCE = "digits"  # the --source value, and the manifest's source path
+
+
+def cache_root() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "resnet18_dist"
+
+
+def render_digits(out: Path) -> Path:
+    """Write the digits as ``out/<digit>/<index>.jpg`` and return ``out``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    out.mkdir(parents=True, exist_ok=True)
+    # Pixel values are 0..16 ink counts; scale to 0..255 and draw dark ink on white like paper.
+    pixels = (255 - np.rint(digits.images * (255.0 / 16.0))).astype(np.uint8)
+    for i, (img, label) in enumerate(zip(pixels, digits.target, strict=True)):
+        class_dir = out / str(label)
+        class_dir.mkdir(exist_ok=True)
+        Image.fromarray(img, mode="L").convert("RGB").save(
+            class_dir / f"{i:04d}.jpg", quality=95, subsampling=0
+        )
+    return out
+
+
+def prepare_digits(out: Path, quiet: bool = True, **options: object) -> PrepareResult:
+    """Render the digits and prepare them into ``out`` (any PrepareOptions may be given)."""
+    with tempfile.TemporaryDirectory(prefix="digits-src-") as tmp:
+        src = render_digits(Path(tmp) / "digits")
+        opts = PrepareOptions(source=str(src), out=str(out), quiet=quiet, augment_hint="none")
+        for k, v in options.items():
+            setattr(opts, k, v)
+        opts.__post_init__()
+        return prepare_dataset(opts, source_label=DIGITS_SOURCE)
+
+
+def ensure_digits_dataset(cache: Path | None = None, quiet: bool = True) -> Path:
+    """Prepare the digits dataset into the cache on first use and return its directory.
+
+    Safe to call from several workers at once: a file lock makes one of them prepare it and the
+    others wait, so no reader ever sees the directory mid-swap.
+    """
+    root = Path(cache) if cache is not None else cache_root()
+    target = root / DIGITS_VERSION
+    if (target / MANIFEST).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{DIGITS_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / MANIFEST).is_file():
+            prepare_digits(target, quiet=quiet)
+    return target

@@ -1,0 +1,115 @@
+"""The loader interface the training loop sees, and the backend registry behind it."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from resnet18_dist.config import ConfigError, DataConfig
+from resnet18_dist.data.manifest import Manifest
+from resnet18_dist.data.policy import DataPolicy
+from resnet18_dist.data.torch_loader import build_torchvision_loaders, dataset_size_check
+
+log = logging.getLogger(__name__)
+
+
+class Loader(Protocol):
+    """Batches ``(images, labels)`` already on the training device.
+
+    ``len`` is the number of batches this rank yields per epoch; for the training split it is
+    the same on every rank so DDP never waits on a rank that ran out of data.
+    ``num_samples`` is how many samples this rank sees per epoch.
+    """
+
+    backend: str
+    num_samples: int
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Loaders:
+    train: Loader
+    val: Loader
+    test: Loader
+    backend: str
+
+    def close(self) -> None:
+        for loader in (self.train, self.val, self.test):
+            loader.close()
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "dali" if device.type == "cuda" and dali_available() else "torchvision"
+    if requested == "dali" and not dali_available():
+        raise ConfigError(
+            "--data-backend",
+            "dali was requested but NVIDIA DALI is not installed "
+            "(pip install 'resnet18-dist[dali]', or use --data-backend torchvision)",
+        )
+    return requested
+
+
+def default_loader_workers(device: torch.device, cpus_per_worker: int) -> int:
+    # On CPU the training step itself uses every reserved core; extra decode processes only
+    # pay off when the worker has cores to spare. On a GPU, decode is the bottleneck.
+    if device.type == "cuda":
+        return max(2, min(8, cpus_per_worker))
+    return 0 if cpus_per_worker <= 2 else min(4, cpus_per_worker // 2)
+
+
+def build_loaders(
+    cfg: DataConfig,
+    manifest: Manifest,
+    policy: DataPolicy,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+    channels_last: bool,
+    cpus_per_worker: int,
+) -> Loaders:
+    backend = resolve_backend(cfg.data_backend, device)
+    workers = cfg.loader_workers
+    if workers < 0:
+        workers = default_loader_workers(device, cpus_per_worker)
+    dataset_size_check(manifest, cfg.batch_size, world_size)
+    log.info(
+        "data backend %s (requested %s), %d loader workers, image size %d, augment %s",
+        backend,
+        cfg.data_backend,
+        workers,
+        policy.image_size,
+        policy.augment,
+    )
+    kwargs = dict(
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        workers=workers,
+        device=device,
+        channels_last=channels_last,
+    )
+    if backend == "dali":
+        from resnet18_dist.data.dali import build_dali_loaders
+
+        loaders = build_dali_loaders(manifest, policy, **kwargs)  # type: ignore[arg-type]
+    else:
+        loaders = build_torchvision_loaders(manifest, policy, **kwargs)  # type: ignore[arg-type]
+    return Loaders(loaders["train"], loaders["val"], loaders["test"], backend)

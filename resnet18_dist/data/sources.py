@@ -1,0 +1,188 @@
+"""Image sources that data preparation reads: an ImageFolder tree and CIFAR-10's python batches.
+
+A source lists lightweight :class:`Item` records (so millions of images never sit in memory) and
+turns one item into JPEG bytes on demand. ``inspect`` decodes the image fully, which is how
+preparation finds undecodable, truncated and non-image files.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+JPEG_QUALITY = 95
+CIFAR_DIR = "cifar-10-batches-py"
+
+
+class SourceError(ValueError):
+    """The source as a whole is unusable (missing, empty, a class with no images...)."""
+
+
+class Reject(Exception):
+    """One item cannot be used; ``str(exc)`` is the reason recorded in rejects.json."""
+
+
+@dataclass(frozen=True)
+class Item:
+    ref: str  # file path, or "<batch file>[row]" for CIFAR arrays; shown in rejects and errors
+    label: int
+    split: str | None = None  # a split the source fixes (CIFAR's test_batch), else None
+    row: int = -1  # row in the in-memory array for array sources
+
+
+@dataclass(frozen=True)
+class Inspection:
+    ok: bool
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+
+
+def encode_jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    # 4:4:4 chroma: sub-sampling would smear the colours of 8-32 px images.
+    img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return buf.getvalue()
+
+
+def _decode(data: bytes, ref: str) -> Image.Image:
+    if not data:
+        raise Reject("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # full decode: a truncated file fails here, not at training time
+    except UnidentifiedImageError as exc:
+        raise Reject("not an image PIL can identify") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise Reject(f"cannot decode: {exc}") from exc
+    if img.width < 1 or img.height < 1:
+        raise Reject(f"degenerate size {img.width}x{img.height}")
+    return img
+
+
+class ImageFolderSource:
+    """``root/<class>/<file>``; class names are the sorted sub-directory names."""
+
+    kind = "imagefolder"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"--source {self.root}: no such directory")
+        class_dirs = sorted(
+            p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        if not class_dirs:
+            raise SourceError(
+                f"--source {self.root}: no class sub-directories (expected root/<class>/<image>)"
+            )
+        self.classes = [p.name for p in class_dirs]
+        self.ignored = sorted(str(p) for p in self.root.iterdir() if p.is_file())
+        items = []
+        for label, d in enumerate(class_dirs):
+            files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+            items.extend(Item(str(p), label) for p in files)
+        if not items:
+            raise SourceError(f"--source {self.root}: the class directories hold no files")
+        self._items = items
+
+    def items(self) -> list[Item]:
+        return self._items
+
+    def inspect(self, item: Item) -> Inspection:
+        try:
+            img = _decode(Path(item.ref).read_bytes(), item.ref)
+        except Reject as exc:
+            return Inspection(False, str(exc))
+        except OSError as exc:
+            return Inspection(False, f"cannot read: {exc.strerror or exc}")
+        return Inspection(True, width=img.width, height=img.height)
+
+    def jpeg_bytes(self, item: Item) -> bytes:
+        data = Path(item.ref).read_bytes()
+        # Keep valid RGB/greyscale JPEGs byte for byte (no generation loss, no decode);
+        # everything else (PNG, CMYK, palette...) is re-encoded so every shard member is a JPEG
+        # that both PIL and DALI's nvJPEG decode.
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format == "JPEG" and img.mode in ("RGB", "L"):
+                return data
+            img.load()
+            return encode_jpeg(img)
+
+
+class CifarBatchesSource:
+    """CIFAR-10 in torchvision's ``cifar-10-batches-py`` layout (pickled numpy batches).
+
+    It brings its own test split (``test_batch``), which preparation keeps as the test split.
+    """
+
+    kind = "cifar10-batches"
+
+    def __init__(self, root: Path) -> None:
+        root = Path(root)
+        if (root / CIFAR_DIR).is_dir():
+            root = root / CIFAR_DIR
+        self.root = root
+        meta = root / "batches.meta"
+        if not meta.is_file():
+            raise SourceError(f"--source {root}: batches.meta not found (not {CIFAR_DIR})")
+        self.classes = [c for c in self._unpickle(meta)["label_names"]]
+        arrays, labels, items = [], [], []
+        files = [(f"data_batch_{i}", None) for i in range(1, 6)] + [("test_batch", "test")]
+        for name, split in files:
+            path = root / name
+            if not path.is_file():
+                raise SourceError(f"--source {root}: {name} is missing")
+            batch = self._unpickle(path)
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise SourceError(f"{path}: expected rows of 3072 bytes, got {data.shape}")
+            for r, lab in enumerate(batch["labels"]):
+                items.append(Item(f"{path}[{r}]", int(lab), split, row=len(labels) + r))
+            arrays.append(data)
+            labels.extend(batch["labels"])
+        self._data = np.concatenate(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self._items = items
+
+    @staticmethod
+    def _unpickle(path: Path) -> dict:
+        try:
+            with open(path, "rb") as fh:
+                raw = pickle.load(fh, encoding="latin1")
+        except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            raise SourceError(f"{path}: cannot read CIFAR batch: {exc}") from exc
+        return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+    def items(self) -> list[Item]:
+        return self._items
+
+    def inspect(self, item: Item) -> Inspection:
+        return Inspection(True, width=32, height=32)
+
+    def jpeg_bytes(self, item: Item) -> bytes:
+        return encode_jpeg(Image.fromarray(self._data[item.row]))
+
+
+def download_cifar10(root: Path) -> Path:
+    """torchvision's real CIFAR-10 download (needs the internet); returns the batches dir."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(root=str(root), train=True, download=True)
+    except Exception as exc:  # URLError, socket errors, checksum failures...
+        raise SourceError(f"--download: could not download CIFAR-10 into {root}: {exc}") from exc
+    return Path(root) / CIFAR_DIR
+
+
+def open_source(path: str | Path) -> ImageFolderSource | CifarBatchesSource:
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"--source {p}: no such file or directory")
+    if (p / "batches.meta").is_file() or (p / CIFAR_DIR / "batches.meta").is_file():
+        return CifarBatchesSource(p)
+    return ImageFolderSource(p)

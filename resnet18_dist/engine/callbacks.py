@@ -1,0 +1,137 @@
+"""Observers of a run on rank 0: the JSONL metrics file and the progress bar.
+
+W&B (``integrations/wandb.py``) is another of these. They sit beside the loop and never touch
+its arithmetic; the loop calls them only on the main rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class Callback:
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_epoch_start(self, epoch: int, steps: int) -> None: ...
+    def on_train_batch(self, step_in_epoch: int) -> None: ...
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_epoch(self, epoch: int, metrics: dict[str, Any]) -> None: ...
+    def on_checkpoint(self, path: str | None, metrics: dict[str, Any]) -> None: ...
+    def on_test(self, report: dict[str, Any]) -> None: ...
+    def on_finish(self) -> None: ...
+
+
+class CallbackList(Callback):
+    def __init__(self, callbacks: list[Callback] | None = None) -> None:
+        self.callbacks = list(callbacks or [])
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_start(info)
+
+    def on_epoch_start(self, epoch: int, steps: int) -> None:
+        for cb in self.callbacks:
+            cb.on_epoch_start(epoch, steps)
+
+    def on_train_batch(self, step_in_epoch: int) -> None:
+        for cb in self.callbacks:
+            cb.on_train_batch(step_in_epoch)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_step(step, metrics)
+
+    def on_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_epoch(epoch, metrics)
+
+    def on_checkpoint(self, path: str | None, metrics: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_checkpoint(path, metrics)
+
+    def on_test(self, report: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_test(report)
+
+    def on_finish(self) -> None:
+        for cb in self.callbacks:
+            cb.on_finish()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonlLogger(Callback):
+    """Appends one JSON object per epoch to ``metrics.jsonl`` (flushed each line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        record = {k: _jsonable(v) for k, v in metrics.items() if not isinstance(v, (list, dict))}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+class ProgressBar(Callback):
+    """Epochs and steps with rates (tqdm). In logs (no TTY) it prints at most every 10 s."""
+
+    def __init__(self, epochs: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.epochs = epochs
+        self.bar: tqdm | None = None
+        self.mininterval = 0.1 if sys.stderr.isatty() else 10.0
+
+    def on_epoch_start(self, epoch: int, steps: int) -> None:
+        if self.enabled:
+            self.bar = tqdm(
+                total=steps,
+                desc=f"epoch {epoch + 1}/{self.epochs}",
+                unit="step",
+                mininterval=self.mininterval,
+                leave=False,
+                file=sys.stderr,
+            )
+
+    def on_train_batch(self, step_in_epoch: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.4g}", refresh=False
+            )
+
+    def on_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class ConsoleSummary(Callback):
+    """One line per epoch and the final test report, kept with --quiet (it is the log)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        log.info(
+            f"epoch {epoch + 1}/{self.epochs}: train loss {metrics['train_loss']:.4f} "
+            f"top1 {metrics['train_top1']:.4f} | val loss {metrics['val_loss']:.4f} "
+            f"top1 {metrics['val_top1']:.4f} top5 {metrics['val_top5']:.4f} "
+            f"f1 {metrics['val_f1_macro']:.4f} | {metrics['train_images_per_s']:.0f} img/s train, "
+            f"{metrics['val_images_per_s']:.0f} img/s eval | {metrics['epoch_time_s']:.1f}s"
+        )

@@ -1,0 +1,242 @@
+"""The training loop: ``train_one_epoch``, ``evaluate`` and ``fit``. It knows nothing of Ray,
+accelerate or W&B; it sees a runtime, a reporter, loaders and a task.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from resnet18_dist.data.loaders import Loader, Loaders
+from resnet18_dist.engine.callbacks import Callback, CallbackList
+from resnet18_dist.engine.reporting import Reporter
+from resnet18_dist.engine.runtime import TorchRuntime
+from resnet18_dist.metrics import ClassificationMetrics, scalars
+from resnet18_dist.seeding import derive_seed, rng_state, seed_everything
+
+
+@dataclass
+class LoopState:
+    """Progress that a checkpoint must carry for an exact resume."""
+
+    epoch: int = 0  # the next epoch to run
+    global_step: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    best_model: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped_early,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> LoopState:
+        loop = cls(**state["loop"])
+        loop.best_model = state.get("best_model")  # None when the best epoch is the latest
+        if loop.best_model is None and loop.best_epoch == loop.epoch - 1:
+            loop.best_model = _cpu_copy(state["model"])
+        return loop
+
+
+def _cpu_copy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+
+def train_one_epoch(
+    model: nn.Module,
+    task: Any,
+    loader: Loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    runtime: TorchRuntime,
+    state: LoopState,
+    callbacks: Callback,
+    log_every: int,
+    set_train_mode: Callable[[nn.Module], None],
+) -> dict[str, float]:
+    set_train_mode(model)
+    device = runtime.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = window_start = time.perf_counter()
+    window_seen = 0
+    for i, (images, labels) in enumerate(loader):
+        with runtime.autocast():
+            loss, logits = task.loss(model, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        runtime.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        state.global_step += 1
+        n = labels.shape[0]
+        seen += n
+        window_seen += n
+        # Device-side accumulation: no host sync per step.
+        loss_sum += loss.detach().float() * n
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        if runtime.is_main:
+            callbacks.on_train_batch(i)
+            if state.global_step % log_every == 0:
+                now = time.perf_counter()
+                callbacks.on_step(
+                    state.global_step,
+                    {
+                        "loss": float(loss.detach()),  # one host sync per log interval
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "images_per_s": window_seen * runtime.world_size / (now - window_start),
+                    },
+                )
+                window_start, window_seen = now, 0
+    runtime.synchronize()
+    elapsed = time.perf_counter() - start
+    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)])
+    runtime.all_reduce(totals)
+    loss_total, correct_total, seen_total = totals.tolist()
+    return {
+        "train_loss": loss_total / max(seen_total, 1),
+        "train_top1": correct_total / max(seen_total, 1),
+        "train_images_per_s": seen_total / elapsed,
+        "train_samples": int(seen_total),
+        "train_time_s": elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Loader, runtime: TorchRuntime, num_classes: int
+) -> dict[str, Any]:
+    """Metrics over the whole split across ranks. Pass the *unwrapped* model: ranks may hold
+    one batch more or less, and a DDP forward would wait on the others."""
+    model.eval()
+    metrics = ClassificationMetrics(num_classes, runtime.device)
+    start = time.perf_counter()
+    for images, labels in loader:
+        with runtime.autocast():
+            logits = model(images)
+        logits = logits.float()
+        metrics.update(logits, labels, F.cross_entropy(logits, labels))
+    runtime.synchronize()
+    elapsed = time.perf_counter() - start
+    result = metrics.compute()  # collective: gathers every rank's counts
+    # The slowest rank bounds the wall time; every sample is counted once in `samples`.
+    t = runtime.all_reduce(torch.tensor([elapsed], device=runtime.device), op="max")
+    result["images_per_s"] = result["samples"] / max(float(t[0]), 1e-9)
+    result["time_s"] = float(t[0])
+    return result
+
+
+def fit(
+    model: nn.Module,
+    task: Any,
+    loaders: Loaders,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    runtime: TorchRuntime,
+    reporter: Reporter,
+    *,
+    epochs: int,
+    patience: int,
+    seed: int,
+    num_classes: int,
+    checkpoint_extra: dict[str, Any],
+    state: LoopState | None = None,
+    callbacks: Callback | None = None,
+    log_every: int = 10,
+    set_train_mode: Callable[[nn.Module], None] = lambda m: m.train(),
+) -> LoopState:
+    """Train from ``state.epoch`` to ``epochs`` with early stopping; report every epoch.
+
+    ``checkpoint_extra`` (config, model spec, class names...) is stored in every checkpoint so
+    that it describes itself.
+    """
+    state = state or LoopState()
+    callbacks = callbacks or CallbackList()
+    unwrapped = runtime.unwrap(model)
+    while state.epoch < epochs and not state.stopped_early:
+        epoch = state.epoch
+        epoch_start = time.perf_counter()
+        # Per-rank, per-epoch seeds: a resumed epoch draws the same random numbers as a
+        # straight run, whatever happened before it.
+        seed_everything(derive_seed(seed, runtime.rank, epoch))
+        loaders.train.set_epoch(epoch)
+        if runtime.is_main:
+            callbacks.on_epoch_start(epoch, len(loaders.train))
+        train = train_one_epoch(
+            model,
+            task,
+            loaders.train,
+            optimizer,
+            scheduler,
+            runtime,
+            state,
+            callbacks,
+            log_every,
+            set_train_mode,
+        )
+        val = evaluate(unwrapped, loaders.val, runtime, num_classes)
+
+        improved = val["top1"] > state.best_top1
+        if improved:
+            state.best_top1, state.best_epoch, state.bad_epochs = val["top1"], epoch, 0
+            state.best_model = _cpu_copy(unwrapped.state_dict())
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch + 1
+        state.stopped_early = bool(patience) and state.bad_epochs >= patience
+
+        peak = runtime.all_reduce(
+            torch.tensor([float(runtime.peak_memory_bytes())], device=runtime.device), op="max"
+        )
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "step": state.global_step,
+            **train,
+            **scalars(val, "val"),
+            "val_images_per_s": val["images_per_s"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "peak_memory_mb": float(peak[0]) / 2**20,
+            "best_val_top1": state.best_top1,
+            "best_epoch": state.best_epoch,
+            "stopped_early": state.stopped_early,
+            "epoch_time_s": time.perf_counter() - epoch_start,
+        }
+        checkpoint = None
+        if runtime.is_main:
+            checkpoint = {
+                **checkpoint_extra,
+                "model": unwrapped.state_dict(),
+                # Stored only when the best epoch is not this one (else it equals `model`).
+                "best_model": None if improved else state.best_model,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "loop": state.to_dict(),
+                "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
+                "val_per_class_acc": val["per_class_acc"],
+                "rng": rng_state(),
+            }
+        saved = reporter.report(metrics, checkpoint)
+        if runtime.is_main:
+            callbacks.on_epoch(epoch, metrics)
+            callbacks.on_checkpoint(saved, metrics)
+    return state
+
+
+def load_best_weights(model: nn.Module, state: LoopState) -> None:
+    if state.best_model is not None:
+        model.load_state_dict(copy.copy(state.best_model))

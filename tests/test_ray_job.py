@@ -1,0 +1,125 @@
+"""Against a real `ray start --head` on loopback: `ray job submit -- python launch/train.py`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict]]:
+    """A one-node cluster with 2 CPUs and the job server, token auth on (Ray's default)."""
+    if shutil.which(RAY) is None:
+        pytest.skip("the `ray` CLI is not installed next to this Python")
+    tmp = tmp_path_factory.mktemp("ray")
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {
+        **os.environ,
+        # Explicit mode and token file: the same on a fresh CI machine and on a laptop that
+        # already has ~/.ray/auth_token from an earlier local ray.init().
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    dash = _free_port()
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(_free_port()),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_trains_digits_with_two_ddp_workers(
+    ray_head: tuple[str, dict], tmp_path: Path
+) -> None:
+    address, env = ray_head
+    runtime_env = {"env_vars": {"RESNET18_DIST_CACHE": os.environ["RESNET18_DIST_CACHE"]}}
+    proc = subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "launch/train.py",
+            "--num-workers",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            "job",
+            "--wandb-mode",
+            "disabled",
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "succeeded" in log
+    # Two DDP workers, one per rank, in one gloo process group.
+    assert re.search(r"DDP worker rank 0/2 .* process group gloo", log)
+    assert re.search(r"DDP worker rank 1/2 .* process group gloo", log)
+    # The main job's default epochs reach the digits accuracy bar, and the report is printed.
+    assert "test report (360 images" in log
+    report = json.loads((tmp_path / "job" / "report.json").read_text())
+    assert report["resolved"]["world_size"] == 2
+    assert report["test_top1"] >= 0.95, report["test_top1"]
+    assert report["test_samples"] == 360
+    checkpoints = sorted(p.name for p in (tmp_path / "job").glob("checkpoint_epoch*"))
+    assert len(checkpoints) == 2  # --keep-checkpoints 2: Ray deleted the older ones

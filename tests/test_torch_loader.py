@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet18_dist.config import ConfigError, DataConfig
+from resnet18_dist.data.loaders import build_loaders, resolve_backend
+from resnet18_dist.data.manifest import DatasetError, Manifest
+from resnet18_dist.data.policy import IMAGENET_MEAN, IMAGENET_STD, DataPolicy, resolve_policy
+from resnet18_dist.data.prepare import PrepareOptions, prepare_dataset
+from resnet18_dist.data.torch_loader import ShardDataset, TorchvisionLoader, eval_transform
+
+from .conftest import make_color_folder, red_to_label
+
+CPU = torch.device("cpu")
+
+
+def _loader(
+    manifest: Manifest,
+    split: str,
+    rank: int,
+    world: int,
+    train: bool,
+    bs: int = 16,
+    policy: DataPolicy | None = None,
+    workers: int = 0,
+) -> TorchvisionLoader:
+    policy = policy or DataPolicy(manifest.native_size or 16, "none")
+    return TorchvisionLoader(
+        ShardDataset(manifest, split, eval_transform(policy)),
+        train=train,
+        batch_size=bs,
+        rank=rank,
+        world_size=world,
+        seed=0,
+        workers=workers,
+        device=CPU,
+        channels_last=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def color_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("color")
+    src = make_color_folder(root / "src", num_classes=6, per_class=17)
+    out = root / "prepared"
+    prepare_dataset(PrepareOptions(source=str(src), out=str(out), quiet=True, min_shards=5))
+    return out
+
+
+def _sample_ids(loader: TorchvisionLoader) -> list[int]:
+    sampler = loader.sampler
+    return list(iter(sampler))
+
+
+def test_training_ranks_are_disjoint_equal_and_reshuffled(small_digits: Path) -> None:
+    m = Manifest.load(small_digits)
+    n = m.counts["train"]
+    ranks = [_loader(m, "train", r, 3, train=True) for r in range(3)]
+    ids = [_sample_ids(ld) for ld in ranks]
+    assert len({len(ld) for ld in ranks}) == 1  # same number of steps on every rank
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(ids) for b in ids[i + 1 :])
+    assert sum(map(len, ids)) == n - n % 3  # at most world-1 samples sit the epoch out
+    for ld in ranks:
+        ld.set_epoch(1)
+    ids1 = [_sample_ids(ld) for ld in ranks]
+    assert ids1 != ids  # a new order each epoch
+    for ld in ranks:
+        ld.set_epoch(0)
+    assert [_sample_ids(ld) for ld in ranks] == ids  # and the same order for the same epoch
+
+
+def test_eval_ranks_cover_every_sample_exactly_once(small_digits: Path) -> None:
+    m = Manifest.load(small_digits)
+    ids = [_sample_ids(_loader(m, "val", r, 3, train=False)) for r in range(3)]
+    flat = sorted(i for part in ids for i in part)
+    assert flat == list(range(m.counts["val"]))
+
+
+def test_labels_stay_attached_to_their_images(color_dataset: Path) -> None:
+    m = Manifest.load(color_dataset)
+    loader = _loader(m, "train", 0, 1, train=True, workers=2)
+    seen = 0
+    mean, std = IMAGENET_MEAN[0], IMAGENET_STD[0]
+    for images, labels in loader:
+        red = (images[:, 0] * std + mean).mean(dim=(1, 2)) * 255
+        assert [red_to_label(float(r)) for r in red] == labels.tolist()
+        seen += len(labels)
+    assert seen == len(loader) * 16
+
+
+def test_batches_have_the_policy_shape_and_normalisation(small_digits: Path) -> None:
+    m = Manifest.load(small_digits)
+    cfg = DataConfig(data_dir=str(small_digits), batch_size=8, eval_batch_size=32, augment="none")
+    policy = resolve_policy(cfg, m)
+    assert policy == DataPolicy(8, "none")  # native 8 px
+    loaders = build_loaders(
+        cfg,
+        m,
+        policy,
+        rank=0,
+        world_size=1,
+        seed=0,
+        device=CPU,
+        channels_last=True,
+        cpus_per_worker=1,
+    )
+    images, labels = next(iter(loaders.train))
+    assert images.shape == (8, 3, 8, 8) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64 and labels.max() < 10
+    # White paper after ImageNet normalisation: (1 - mean) / std per channel.
+    top = torch.tensor([(1 - mu) / sd for mu, sd in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
+    assert torch.all(images.amax(dim=(0, 2, 3)) <= top + 1e-4)
+
+
+def test_auto_policy_by_hint_then_size(small_digits: Path, digits_dataset: Path) -> None:
+    # The built-in digits name their policy: digits are not mirror-symmetric.
+    assert resolve_policy(DataConfig(), Manifest.load(digits_dataset)) == DataPolicy(8, "none")
+    m = Manifest.load(small_digits)  # prepared from a plain folder: no hint
+    assert resolve_policy(DataConfig(), m) == DataPolicy(8, "cifar")
+    assert resolve_policy(DataConfig(image_size=96), m) == DataPolicy(96, "seed")
+    m.native_size, m.max_side = None, 500
+    assert resolve_policy(DataConfig(), m) == DataPolicy(224, "seed")
+
+
+def test_a_corrupt_image_in_a_shard_names_shard_and_key(tmp_path: Path, small_digits: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_digits, data)
+    m = Manifest.load(data)
+    shard = m.shard_paths("val")[0]
+    with tarfile.open(shard) as tar:
+        first = tar.getmembers()[0]
+    raw = bytearray(shard.read_bytes())
+    raw[first.offset_data : first.offset_data + first.size] = b"\x00" * first.size
+    shard.write_bytes(bytes(raw))
+    loader = _loader(m, "val", 0, 1, train=False)
+    with pytest.raises(DatasetError, match=rf"{first.name}.*{shard.name}"):
+        for _ in loader:
+            pass
+
+
+def test_too_few_images_for_the_batch_size_is_a_clear_error(small_digits: Path) -> None:
+    m = Manifest.load(small_digits)
+    cfg = DataConfig(data_dir=str(small_digits), batch_size=200)
+    with pytest.raises(DatasetError, match="--batch-size"):
+        build_loaders(
+            cfg,
+            m,
+            DataPolicy(8, "none"),
+            rank=0,
+            world_size=2,
+            seed=0,
+            device=CPU,
+            channels_last=False,
+            cpus_per_worker=1,
+        )
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="manifest.json"):
+        Manifest.load(tmp_path)
+
+
+def test_backend_auto_is_torchvision_without_cuda() -> None:
+    assert resolve_backend("auto", CPU) == "torchvision"
+    assert resolve_backend("torchvision", CPU) == "torchvision"
+
+
+def test_dali_request_without_dali_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resnet18_dist.data.loaders as loaders_mod
+
+    monkeypatch.setattr(loaders_mod, "dali_available", lambda: False)
+    with pytest.raises(ConfigError, match="--data-backend"):
+        resolve_backend("dali", CPU)
