@@ -33,12 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     from resnet18_dist.data.digits import ensure_digits_dataset
     from resnet18_dist.data.loaders import resolve_backend
     from resnet18_dist.data.manifest import DatasetError, Manifest
-    from resnet18_dist.engine.session import REPORT_FILE, format_report
+    from resnet18_dist.engine.session import REPORT_FILE, default_run_name, format_report
     from resnet18_dist.integrations import wandb as wandb_adapter
     from resnet18_dist.integrations.ray_train import (
         build_trainer,
         check_resources,
-        default_run_name,
         start_ray,
     )
     from resnet18_dist.logs import setup_logging

@@ -123,8 +123,36 @@ class DataConfig:
             )
 
 
+ARCH_CHOICES = ("resnet18", "resnet34", "resnet50")
+TORCHVISION_TEACHERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def parse_freeze(value: str) -> int:
+    """Number of leading parts frozen: 0 none; 1..4 the stem and that many stages; 5 backbone."""
+    if value == "none":
+        return 0
+    if value == "backbone":
+        return 5
+    if value.startswith("stages:"):
+        try:
+            n = int(value.split(":", 1)[1])
+        except ValueError:
+            n = -1
+        if 1 <= n <= 4:
+            return n
+    raise ConfigError(
+        "--freeze", f"must be none, backbone or stages:N with N in 1..4 (got {value!r})"
+    )
+
+
 @dataclass
 class ModelConfig:
+    arch: str = opt(
+        "resnet18",
+        "Architecture. ResNet18 is the product; resnet34/resnet50 exist to train distillation "
+        "teachers with the same launcher.",
+        choices=ARCH_CHOICES,
+    )
     se_reduction: int = opt(
         0, "Squeeze-and-excitation reduction ratio; 0 turns SE off.", choices=SE_REDUCTIONS
     )
@@ -135,11 +163,36 @@ class ModelConfig:
         choices=STEMS,
     )
     dropout: float = opt(0.0, "Dropout probability before the classifier head.")
+    pretrained: str | None = opt(
+        None,
+        "Start from these weights: `torchvision` (ImageNet weights, needs the internet), a "
+        "torchvision-format state-dict file, or a checkpoint / run directory of this project. "
+        "The head is replaced for the data's classes.",
+    )
+    freeze: str = opt(
+        "none",
+        "Freeze part of the network: none, backbone (all but the head), or stages:N (the stem "
+        "and the first N of 4 stages). Frozen parts get no gradient and keep BatchNorm in eval.",
+    )
 
     def __post_init__(self) -> None:
+        _check_choice(self, "arch")
         _check_choice(self, "se_reduction")
         _check_choice(self, "stem")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1) (got {self.dropout})")
+        _check(
+            not (self.se_reduction and self.arch == "resnet50"),
+            "se_reduction",
+            "SE blocks are built for basic-block ResNets (resnet18, resnet34), not resnet50",
+        )
+        parse_freeze(self.freeze)
+        if self.pretrained is not None and self.pretrained != "torchvision":
+            _check(
+                os.path.exists(self.pretrained),
+                "pretrained",
+                f"{self.pretrained} does not exist (give a weights file, a checkpoint, or "
+                "`torchvision`)",
+            )
 
 
 @dataclass
@@ -155,6 +208,11 @@ class OptimConfig:
     label_smoothing: float = opt(0.0, "Label smoothing for the cross-entropy loss.")
     patience: int = opt(
         5, "Early stopping: stop after this many epochs without a better val top-1. 0 = off."
+    )
+    backbone_lr: float | None = opt(
+        None,
+        "Learning rate of everything but the head (differential fine-tuning, e.g. 0.001 with "
+        "--lr 0.1 for the head). Default: --lr for all.",
     )
 
     def __post_init__(self) -> None:
@@ -174,6 +232,62 @@ class OptimConfig:
             f"must be in [0, 1) (got {self.label_smoothing})",
         )
         _check(self.patience >= 0, "patience", f"must be >= 0 (got {self.patience})")
+        if self.backbone_lr is not None:
+            _check(self.backbone_lr > 0, "backbone_lr", f"must be > 0 (got {self.backbone_lr})")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = opt(
+        None,
+        "Distil from this teacher: a checkpoint or run directory of this project, or a "
+        "torchvision ResNet name (resnet34, resnet50, ...) with --teacher-weights.",
+    )
+    teacher_weights: str | None = opt(
+        None,
+        "For a torchvision teacher: a state-dict file, or `torchvision` for its ImageNet weights "
+        "(needs the internet; only for 1000-class data).",
+    )
+    temperature: float = opt(4.0, "Distillation temperature T (> 0).")
+    alpha: float = opt(
+        0.5, "Weight of the distillation term: (1 - alpha) CE + alpha T^2 KL(teacher || student)."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
+        _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1] (got {self.alpha})")
+        if self.teacher is None:
+            _check(
+                self.teacher_weights is None,
+                "teacher_weights",
+                "given without --teacher",
+            )
+            return
+        if self.teacher in TORCHVISION_TEACHERS and not os.path.exists(self.teacher):
+            _check(
+                self.teacher_weights is not None,
+                "teacher_weights",
+                f"a torchvision teacher ({self.teacher}) needs its weights: a state-dict file "
+                "trained on this data's classes, or `torchvision`",
+            )
+            if self.teacher_weights != "torchvision":
+                _check(
+                    os.path.exists(self.teacher_weights),  # type: ignore[arg-type]
+                    "teacher_weights",
+                    f"{self.teacher_weights} does not exist",
+                )
+            return
+        _check(
+            os.path.exists(self.teacher),
+            "teacher",
+            f"{self.teacher} is neither a checkpoint / run directory nor one of "
+            f"{', '.join(TORCHVISION_TEACHERS)}",
+        )
+        _check(
+            self.teacher_weights is None,
+            "teacher_weights",
+            "only for a torchvision teacher; a checkpoint carries its own weights",
+        )
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -249,6 +363,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
+    "distill": DistillConfig,
     "run": RunConfig,
 }
 
@@ -258,6 +373,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

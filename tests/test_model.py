@@ -114,4 +114,6 @@ def test_invalid_specs_are_rejected() -> None:
     with pytest.raises(ValueError, match="stem"):
         build_model(ModelSpec(stem="auto"))
     with pytest.raises(ValueError, match="architecture"):
-        build_model(ModelSpec(arch="resnet50"))
+        build_model(ModelSpec(arch="resnet7"))
+    with pytest.raises(ValueError, match="basic-block"):
+        build_model(ModelSpec(arch="resnet50", se_reduction=16))

@@ -26,7 +26,7 @@ class Callback:
     def on_epoch(self, epoch: int, metrics: dict[str, Any]) -> None: ...
     def on_checkpoint(self, path: str | None, metrics: dict[str, Any]) -> None: ...
     def on_test(self, report: dict[str, Any]) -> None: ...
-    def on_finish(self) -> None: ...
+    def on_finish(self, failed: bool = False) -> None: ...
 
 
 class CallbackList(Callback):
@@ -61,9 +61,9 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             cb.on_test(report)
 
-    def on_finish(self) -> None:
+    def on_finish(self, failed: bool = False) -> None:
         for cb in self.callbacks:
-            cb.on_finish()
+            cb.on_finish(failed)
 
 
 def _jsonable(value: Any) -> Any:

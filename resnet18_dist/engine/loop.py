@@ -5,6 +5,7 @@ accelerate or W&B; it sees a runtime, a reporter, loaders and a task.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from resnet18_dist.data.loaders import Loader, Loaders
 from resnet18_dist.engine.callbacks import Callback, CallbackList
@@ -119,14 +121,27 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Loader, runtime: TorchRuntime, num_classes: int
+    model: nn.Module,
+    loader: Loader,
+    runtime: TorchRuntime,
+    num_classes: int,
+    progress: bool = False,
+    desc: str = "eval",
 ) -> dict[str, Any]:
     """Metrics over the whole split across ranks. Pass the *unwrapped* model: ranks may hold
     one batch more or less, and a DDP forward would wait on the others."""
     model.eval()
     metrics = ClassificationMetrics(num_classes, runtime.device)
     start = time.perf_counter()
-    for images, labels in loader:
+    batches = tqdm(
+        loader,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        disable=not progress,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
+    for images, labels in batches:
         with runtime.autocast():
             logits = model(images)
         logits = logits.float()
@@ -159,6 +174,7 @@ def fit(
     callbacks: Callback | None = None,
     log_every: int = 10,
     set_train_mode: Callable[[nn.Module], None] = lambda m: m.train(),
+    show_progress: bool = False,
 ) -> LoopState:
     """Train from ``state.epoch`` to ``epochs`` with early stopping; report every epoch.
 
@@ -189,7 +205,14 @@ def fit(
             log_every,
             set_train_mode,
         )
-        val = evaluate(unwrapped, loaders.val, runtime, num_classes)
+        val = evaluate(
+            unwrapped,
+            loaders.val,
+            runtime,
+            num_classes,
+            progress=show_progress,
+            desc=f"val {epoch + 1}",
+        )
 
         improved = val["top1"] > state.best_top1
         if improved:

@@ -23,7 +23,7 @@ from resnet18_dist.config import TrainConfig
 from resnet18_dist.data.digits import ensure_digits_dataset
 from resnet18_dist.data.loaders import build_loaders
 from resnet18_dist.data.manifest import Manifest
-from resnet18_dist.data.policy import resolve_policy
+from resnet18_dist.data.policy import IMAGENET_MEAN, IMAGENET_STD, resolve_policy
 from resnet18_dist.engine.callbacks import (
     Callback,
     CallbackList,
@@ -36,9 +36,13 @@ from resnet18_dist.engine.loop import LoopState, evaluate, fit, load_best_weight
 from resnet18_dist.engine.optim import build_optimizer, build_scheduler
 from resnet18_dist.engine.reporting import Reporter
 from resnet18_dist.engine.runtime import TorchRuntime
-from resnet18_dist.engine.tasks import ClassificationTask
+from resnet18_dist.engine.tasks import ClassificationTask, DistillationTask
+from resnet18_dist.export.artifact import save_model_pt
+from resnet18_dist.export.meta import ExportMeta
 from resnet18_dist.metrics import scalars
 from resnet18_dist.models import ModelSpec, build_model, count_parameters, resolve_stem
+from resnet18_dist.models.finetune import apply_freeze, load_pretrained
+from resnet18_dist.models.teacher import load_teacher
 from resnet18_dist.seeding import seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ REPORT_FILE = "report.json"
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run_info.json"
 METRICS_FILE = "metrics.jsonl"
+BEST_MODEL_FILE = "model.pt"
 
 
 def resolve_data_dir(cfg: TrainConfig) -> Path:
@@ -76,6 +81,7 @@ def run_training(
     manifest = Manifest.load(resolve_data_dir(cfg))
     policy = resolve_policy(cfg.data, manifest)
     spec = ModelSpec(
+        arch=cfg.model.arch,
         num_classes=manifest.num_classes,
         se_reduction=cfg.model.se_reduction,
         stem=resolve_stem(cfg.model.stem, policy.image_size),
@@ -94,20 +100,38 @@ def run_training(
     )
     try:
         model = build_model(spec)
+        resume = resume_from or cfg.run.resume
+        if cfg.model.pretrained and not resume:  # a resumed run has its own weights
+            load_pretrained(model, cfg.model.pretrained)
+        set_train_mode = apply_freeze(model, cfg.model.freeze)
         model = runtime.wrap_model(model)
         unwrapped = runtime.unwrap(model)
-        optimizer = build_optimizer(unwrapped, cfg.optim)
+        optimizer = build_optimizer(unwrapped, cfg.optim, backbone_lr=cfg.optim.backbone_lr)
         scheduler = build_scheduler(optimizer, cfg.optim, len(loaders.train))
-        task = ClassificationTask(cfg.optim.label_smoothing)
+        teacher_info = None
+        task: ClassificationTask | DistillationTask
+        if cfg.distill.teacher:
+            teacher, teacher_info = load_teacher(cfg.distill, manifest.classes)
+            task = DistillationTask(
+                runtime.prepare_module(teacher),  # same device and memory format; never DDP
+                cfg.distill.temperature,
+                cfg.distill.alpha,
+                cfg.optim.label_smoothing,
+            )
+        else:
+            task = ClassificationTask(cfg.optim.label_smoothing)
 
         state = LoopState()
-        resume = resume_from or cfg.run.resume
         if resume:
-            ckpt = load_checkpoint(resume, map_location=runtime.device)
+            ckpt = load_checkpoint(resume)  # on CPU; load_state_dict moves to the device
             check_compatible(ckpt, spec, manifest.classes)
             unwrapped.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
+            # The schedule's shape comes from this run's config (so --epochs may be raised on
+            # resume, re-planning the cosine over the new total); its position from the
+            # checkpoint.
+            n_groups = len(optimizer.param_groups)
+            scheduler.load_state_dict({**ckpt["scheduler"], "lr_lambdas": [None] * n_groups})
             state = LoopState.from_checkpoint(ckpt)
             set_rng_state(ckpt["rng"])
             log.info("resumed from %s at epoch %d", ckpt["_path"], state.epoch)
@@ -127,6 +151,11 @@ def run_training(
             "global_batch_size": cfg.data.batch_size * runtime.world_size,
             "steps_per_epoch": len(loaders.train),
             "parameters": count_parameters(unwrapped),
+            "trainable_parameters": count_parameters(unwrapped, trainable_only=True),
+            "task": task.name,
+            "teacher": teacher_info,
+            "pretrained": cfg.model.pretrained,
+            "freeze": cfg.model.freeze,
         }
         callbacks = CallbackList()
         if runtime.is_main:
@@ -154,38 +183,52 @@ def run_training(
             )
             callbacks.on_start({"config": cfg.to_dict(), **info})
             log.info(
-                f"training {spec.arch} ({resolved['parameters']:,} parameters, stem {spec.stem}, "
+                f"training {spec.arch} ({resolved['parameters']:,} parameters, "
+                f"{resolved['trainable_parameters']:,} trainable, stem {spec.stem}, "
                 f"SE {spec.se_reduction or 'off'}) on {manifest.counts['train']} images of "
                 f"{manifest.num_classes} classes, {policy.image_size}px, {runtime.world_size} "
                 f"worker(s) on {runtime.device}, backend {loaders.backend}"
+                + (f", distilling from {teacher_info}" if teacher_info else "")
             )
 
-        state = fit(
-            model,
-            task,
-            loaders,
-            optimizer,
-            scheduler,
-            runtime,
-            reporter,
-            epochs=cfg.optim.epochs,
-            patience=cfg.optim.patience,
-            seed=cfg.run.seed,
-            num_classes=manifest.num_classes,
-            checkpoint_extra={
-                "format_version": 1,
-                "model_spec": spec.to_dict(),
-                "classes": manifest.classes,
-                "config": cfg.to_dict(),
-                "resolved": resolved,
-            },
-            state=state,
-            callbacks=callbacks,
-            log_every=cfg.run.log_every,
-        )
-
-        load_best_weights(unwrapped, state)
-        test = evaluate(unwrapped, loaders.test, runtime, manifest.num_classes)
+        try:
+            state = fit(
+                model,
+                task,
+                loaders,
+                optimizer,
+                scheduler,
+                runtime,
+                reporter,
+                epochs=cfg.optim.epochs,
+                patience=cfg.optim.patience,
+                seed=cfg.run.seed,
+                num_classes=manifest.num_classes,
+                checkpoint_extra={
+                    "format_version": 1,
+                    "model_spec": spec.to_dict(),
+                    "classes": manifest.classes,
+                    "config": cfg.to_dict(),
+                    "resolved": resolved,
+                },
+                state=state,
+                callbacks=callbacks,
+                log_every=cfg.run.log_every,
+                set_train_mode=set_train_mode,
+                show_progress=runtime.is_main and not cfg.run.quiet,
+            )
+            load_best_weights(unwrapped, state)
+            test = evaluate(
+                unwrapped,
+                loaders.test,
+                runtime,
+                manifest.num_classes,
+                progress=runtime.is_main and not cfg.run.quiet,
+                desc="test",
+            )
+        except BaseException:
+            callbacks.on_finish(failed=True)  # e.g. the W&B run is marked failed, not lost
+            raise
     finally:
         loaders.close()
 
@@ -205,10 +248,25 @@ def run_training(
         "resolved": resolved,
     }
     if runtime.is_main:
+        # The best-validation weights, deployable without the training state (export format).
+        meta = ExportMeta(
+            classes=manifest.classes,
+            image_size=policy.image_size,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            model_spec=spec.to_dict(),
+            source_checkpoint=str(run_dir),
+        )
+        save_model_pt(unwrapped, meta, run_dir / BEST_MODEL_FILE)
+        report["best_model_path"] = str(run_dir / BEST_MODEL_FILE)
         atomic_write_text(run_dir / REPORT_FILE, json.dumps(report, indent=1) + "\n")
         callbacks.on_test(report)
         callbacks.on_finish()
     return report
+
+
+def default_run_name() -> str:
+    return time.strftime("train-%Y%m%d-%H%M%S")
 
 
 def format_report(report: dict[str, Any]) -> str:

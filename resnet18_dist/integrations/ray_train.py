@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,10 @@ class RayTrainRuntime(TorchRuntime):
         self.local_rank = ctx.get_local_rank()
         # Every worker on a node sees all of its GPUs; Ray knows which one is this worker's.
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            # Ray reports "cpu:0"; tensors saved from it are tagged so and other runtimes
+            # could not map them back.
+            self.device = torch.device("cpu")
         self._configure(run)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -82,7 +85,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
     from resnet18_dist.engine.session import run_training
-    from resnet18_dist.integrations.wandb import WandbCallback
+    from resnet18_dist.integrations.wandb import WandbCallback, run_tags
 
     setup_logging()
     cfg = TrainConfig.from_dict(loop_config["config"])
@@ -102,7 +105,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 run_dir=run_dir,
                 name=run_dir.name,
                 group=cfg.run.wandb_group or None,
-                tags=["ray_train", f"workers{runtime.world_size}"],
+                tags=run_tags(cfg, "ray_train", runtime.world_size),
             )
         )
 
@@ -196,10 +199,6 @@ def check_resources(run: RunConfig) -> bool:
             + ("" if run.use_gpu == "on" else "; pass --use-gpu off to train on CPUs"),
         )
     return use_gpu
-
-
-def default_run_name() -> str:
-    return time.strftime("train-%Y%m%d-%H%M%S")
 
 
 def build_trainer(cfg: TrainConfig, run_dir: Path, use_gpu: bool, wandb_mode: str) -> Any:

@@ -3,6 +3,9 @@
 Built on torchvision's ``ResNet`` so that, with SE off, ``state_dict`` keys are exactly those of
 ``torchvision.models.resnet18`` and its ImageNet weights load strictly. SE adds ``*.se.*`` keys;
 the CIFAR stem only changes the shape of ``conv1.weight``; dropout has no parameters.
+
+ResNet18 is the product; resnet34 and resnet50 are built the same way so that the same launcher
+can train a larger distillation teacher.
 """
 
 from __future__ import annotations
@@ -13,11 +16,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from resnet18_dist.config import SE_REDUCTIONS, SMALL_IMAGE_MAX
 
 ARCH = "resnet18"
+# torchvision's block type and blocks per stage for each supported depth.
+ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
 
 
 class SqueezeExcite(nn.Module):
@@ -81,23 +90,28 @@ def resolve_stem(stem: str, image_size: int) -> str:
     return "cifar" if image_size <= SMALL_IMAGE_MAX else "imagenet"
 
 
-class ResNet18(ResNet):
-    """torchvision's ResNet with [2, 2, 2, 2] basic blocks plus this project's options."""
+class ResNetClassifier(ResNet):
+    """torchvision's ResNet (18 by default: [2, 2, 2, 2] basic blocks) plus this project's
+    options."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        if spec.arch != ARCH:
-            raise ValueError(f"unsupported architecture {spec.arch!r}; this project builds {ARCH}")
+        if spec.arch not in ARCHS:
+            raise ValueError(
+                f"unsupported architecture {spec.arch!r}; choose one of {', '.join(ARCHS)}"
+            )
         if spec.se_reduction not in SE_REDUCTIONS:
             raise ValueError(
                 f"se_reduction must be one of {SE_REDUCTIONS}, got {spec.se_reduction}"
             )
         if spec.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {spec.stem!r}")
-        block: Any = BasicBlock
+        block, layers = ARCHS[spec.arch]
         if spec.se_reduction:
+            if block is not BasicBlock:
+                raise ValueError(f"SE blocks are built for basic-block ResNets, not {spec.arch}")
             block = functools.partial(SEBasicBlock, se_reduction=spec.se_reduction)
             block.expansion = BasicBlock.expansion  # ResNet._make_layer reads it
-        super().__init__(block, [2, 2, 2, 2], num_classes=spec.num_classes)
+        super().__init__(block, layers, num_classes=spec.num_classes)
         self.spec = spec
         if spec.stem == "cifar":
             # Small images: a 7x7/2 conv plus max-pool would shrink 32 px to 8 px before layer1.
@@ -116,8 +130,11 @@ class ResNet18(ResNet):
         return self.fc(self.dropout(self.forward_features(x)))
 
 
-def build_model(spec: ModelSpec) -> ResNet18:
-    return ResNet18(spec)
+ResNet18 = ResNetClassifier  # the product's name for the default depth
+
+
+def build_model(spec: ModelSpec) -> ResNetClassifier:
+    return ResNetClassifier(spec)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,0 +1,162 @@
+"""Compare run directories without W&B: a side-by-side table and a plot of the learning curves.
+
+A run directory is anything holding ``metrics.jsonl`` (and usually ``config.yaml`` and
+``report.json``): a local run, a Ray Train run or, later, each trial of a sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from resnet18_dist.atomic import atomic_write
+
+
+class CompareError(ValueError):
+    """A run directory that cannot be read; the message names it."""
+
+
+@dataclass
+class RunRecord:
+    name: str
+    path: Path
+    config: dict[str, Any]  # flattened: "optim.lr" -> 0.1
+    epochs: list[dict[str, Any]]
+    report: dict[str, Any] | None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_run(path: str | Path) -> RunRecord:
+    p = Path(path)
+    metrics = p / "metrics.jsonl"
+    if not metrics.is_file():
+        raise CompareError(f"{p}: not a run directory (no metrics.jsonl)")
+    epochs = []
+    for i, line in enumerate(metrics.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                epochs.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise CompareError(f"{metrics}:{i}: not JSON ({exc})") from exc
+    config = {}
+    if (p / "config.yaml").is_file():
+        config = _flatten(yaml.safe_load((p / "config.yaml").read_text()) or {})
+    report = None
+    if (p / "report.json").is_file():
+        report = json.loads((p / "report.json").read_text())
+    return RunRecord(p.name, p, config, epochs, report)
+
+
+def runs_in_sweep(directory: str | Path) -> list[Path]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise CompareError(f"--sweep {d}: no such directory")
+    found = sorted(p.parent for p in d.rglob("metrics.jsonl"))
+    if not found:
+        raise CompareError(f"--sweep {d}: no run directories (metrics.jsonl) below it")
+    return found
+
+
+IGNORED_KEYS = {"run.name", "run.output_dir", "run.quiet", "run.address", "run.log_every"}
+
+
+def differing_config(runs: list[RunRecord]) -> list[str]:
+    keys = sorted(set().union(*(r.config for r in runs)) - IGNORED_KEYS)
+    return [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+
+
+def summary_rows(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
+    diff = differing_config(runs)
+    header = [
+        "run",
+        *diff,
+        "epochs",
+        "best val top-1",
+        "test top-1",
+        "test top-5",
+        "test F1",
+        "train img/s",
+    ]
+    rows = []
+    for r in runs:
+        val = [e["val_top1"] for e in r.epochs if e.get("val_top1") is not None]
+        speed = [e["train_images_per_s"] for e in r.epochs if e.get("train_images_per_s")]
+        rep = r.report or {}
+        rows.append(
+            [
+                r.name,
+                *[str(r.config.get(k, "")) for k in diff],
+                str(len(r.epochs)),
+                f"{max(val):.4f}" if val else "-",
+                f"{rep['test_top1']:.4f}" if "test_top1" in rep else "-",
+                f"{rep['test_top5']:.4f}" if "test_top5" in rep else "-",
+                f"{rep['test_f1_macro']:.4f}" if "test_f1_macro" in rep else "-",
+                f"{statistics.mean(speed):.0f}" if speed else "-",
+            ]
+        )
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def plot_runs(runs: list[RunRecord], path: Path) -> None:
+    """Validation top-1 and loss per epoch (train loss dashed), one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, r in enumerate(runs):
+        color = f"C{i % 10}"
+        xs = [e["epoch"] + 1 for e in r.epochs]
+        ax_acc.plot(
+            xs, [e.get("val_top1") for e in r.epochs], marker="o", ms=3, color=color, label=r.name
+        )
+        ax_loss.plot(
+            xs,
+            [e.get("val_loss") for e in r.epochs],
+            marker="o",
+            ms=3,
+            color=color,
+            label=f"{r.name} (val)",
+        )
+        ax_loss.plot(
+            xs,
+            [e.get("train_loss") for e in r.epochs],
+            ls="--",
+            marker="x",
+            ms=3,
+            color=color,
+            alpha=0.6,
+            label=f"{r.name} (train)",
+        )
+    ax_acc.set(title="Validation top-1 accuracy", xlabel="epoch", ylabel="top-1")
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss", yscale="log")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax_acc.legend(fontsize=8)
+    ax_loss.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)

@@ -1,0 +1,157 @@
+"""Measure one artifact in a fresh process: latency, throughput, memory, and its test logits.
+
+A fresh (spawned) process per artifact, so that peak memory is that artifact's alone and one
+runtime's thread pools or caches never help another. ONNX Runtime rows never import torch.
+Every row runs with the same number of intra-op threads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KINDS = ("torch_fp32", "torch_dynamic_int8", "onnx_fp32", "onnx_int8", "tensorrt")
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    threads: int
+    latency_iters: int = 200
+    throughput_seconds: float = 3.0
+    throughput_batch: int = 64
+    eval_batch: int = 256
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM: this process image's peak RSS. (getrusage's ru_maxrss survives exec on Linux,
+    so a spawned child would report its parent's peak.)"""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _runner(
+    kind: str, path: Path, model_pt: Path, threads: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    if kind in ("onnx_fp32", "onnx_int8"):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from resnet18_dist.export.artifact import load_model_pt
+
+    model, _ = load_model_pt(model_pt)
+    if kind == "torch_dynamic_int8":
+        from resnet18_dist.export.quantize import quantize_dynamic_torch
+
+        model = quantize_dynamic_torch(model)
+        model.load_state_dict(torch.load(path, weights_only=True))
+    elif kind == "tensorrt":
+        from resnet18_dist.export.tensorrt import engine_runner
+
+        return engine_runner(path)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.require(x, requirements="CW"))).float().numpy()
+
+    return run
+
+
+def _child(
+    kind: str, path: str, model_pt: str, perf: str, data: str, opts: MeasureOptions, conn: Any
+) -> None:
+    try:
+        baseline = _rss_mb()
+        run = _runner(kind, Path(path), Path(model_pt), opts.threads)
+        images = np.load(perf)
+        one = np.ascontiguousarray(images[:1])
+        for _ in range(10):
+            run(one)
+        lat = []
+        for _ in range(opts.latency_iters):
+            t = time.perf_counter()
+            run(one)
+            lat.append(time.perf_counter() - t)
+        batch = np.ascontiguousarray(np.resize(images, (opts.throughput_batch, *images.shape[1:])))
+        run(batch)
+        n, start = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - start < opts.throughput_seconds:
+            run(batch)
+            n += 1
+        throughput = n * len(batch) / (time.perf_counter() - start)
+        peak = _peak_rss_mb()
+        test = np.load(data, mmap_mode="r")
+        logits = np.concatenate(
+            [
+                run(np.ascontiguousarray(test[i : i + opts.eval_batch]))
+                for i in range(0, len(test), opts.eval_batch)
+            ]
+        )
+        conn.send(
+            {
+                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3),
+                "latency_p95_ms": float(np.percentile(lat, 95) * 1e3),
+                "throughput_batch": len(batch),
+                "throughput_images_per_s": throughput,
+                "peak_rss_mb": peak,
+                "model_memory_mb": peak - baseline,
+                "logits": logits.astype(np.float32),
+            }
+        )
+    except BaseException as exc:  # report, never hang the parent
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        conn.close()
+
+
+def measure(
+    kind: str,
+    path: Path,
+    model_pt: Path,
+    perf_images: Path,
+    test_images: Path,
+    opts: MeasureOptions,
+    timeout_s: float = 3600,
+) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_child,
+        args=(kind, str(path), str(model_pt), str(perf_images), str(test_images), opts, child),
+    )
+    proc.start()
+    child.close()
+    if not parent.poll(timeout_s):
+        proc.kill()
+        raise RuntimeError(f"measuring {path.name} did not finish in {timeout_s:.0f}s")
+    result = parent.recv()
+    proc.join(60)
+    if "error" in result:
+        raise RuntimeError(f"measuring {path.name} failed: {result['error']}")
+    return result

@@ -1,0 +1,56 @@
+"""The exported model's description, shared by every artifact and by the clients (no torch).
+
+``ExportMeta`` is written into ``model.pt``, into the ONNX models' ``metadata_props`` and into
+``meta.json``, so a consumer of any one file knows the classes, the input size and the
+normalisation without the training code or the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MODEL_PT = "model.pt"
+MODEL_ONNX = "model.onnx"
+MODEL_INT8_ONNX = "model.int8.onnx"
+MODEL_DYNAMIC_PT = "model.dynamic_int8.pt"
+MODEL_TRT = "model.trt.engine"
+META_JSON = "meta.json"
+FORMAT = "resnet18-dist/export-v1"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    model_spec: dict[str, Any]
+    source_checkpoint: str
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    # The model takes float32 NCHW, RGB, resized to image_size x image_size (bilinear, as PIL
+    # and torchvision do), scaled to [0, 1] and normalised with mean/std; it returns logits.
+    input_layout: str = "NCHW float32 RGB, resize (bilinear) then (x/255 - mean) / std"
+    format: str = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_props(self) -> dict[str, str]:
+        """ONNX metadata_props: string to string."""
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ExportMeta:
+        fields = cls.__dataclass_fields__
+        raw = {}
+        for k, v in props.items():
+            if k not in fields:
+                continue
+            raw[k] = v if fields[k].type in ("str", str) else json.loads(v)
+        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        return cls(**raw)

@@ -1,0 +1,48 @@
+"""The export report as Markdown: one row per artifact, measured side by side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    c = report["checks"]
+    lines = [
+        "# Export report",
+        "",
+        f"- checkpoint: `{report['checkpoint']}`",
+        f"- test split: {report['test_images']} images at {report['image_size']} px from "
+        f"`{report['data_dir']}`",
+        f"- INT8 calibration: {report['calibration_images']} validation images, "
+        f"{report['calibration_method']}, reduce_range {report['reduce_range']}",
+        f"- machine: {report['machine']}",
+        f"- TensorRT: {report['tensorrt']}",
+        "",
+        "| artifact | file | size | vs ONNX FP32 | top-1 | top-5 | macro-F1 | agrees w/ FP32 "
+        "| max rel err | p50 ms (b=1) | p95 ms (b=1) | img/s (b=64) | peak RSS MB | model MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['artifact']} | `{r['file']}` | {r['size_bytes'] / 2**20:.2f} MB | "
+            f"{r['size_vs_onnx_fp32']:.1%} | {r['top1']:.4f} | {r['top5']:.4f} | "
+            f"{r['f1_macro']:.4f} | {r['top1_agreement_vs_fp32']:.2%} | "
+            f"{r['max_rel_err_vs_torch_fp32']:.1e} | {r['latency_p50_ms']:.2f} | "
+            f"{r['latency_p95_ms']:.2f} | {r['throughput_images_per_s']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['model_memory_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "Checks: ONNX checker "
+        + ("passed" if c["onnx_checker"] else "FAILED")
+        + f"; ONNX FP32 vs PyTorch max relative error {c['fp32_max_rel_err']:.1e} "
+        + ("(< 1e-4, ok)" if c["fp32_ok"] else "(FAILED: >= 1e-4)")
+        + f"; INT8 top-1 agreement with FP32 {c['int8_top1_agreement']:.2%} "
+        + ("(>= 99%, ok)" if c["int8_ok"] else "(FAILED: < 99%)"),
+        "",
+        "Peak RSS is the measuring process's peak while loading the artifact and timing it; "
+        "model MB is that peak minus the process's size after importing its runtime. Latency is "
+        "batch 1 (p50/p95 over the timed runs); throughput is batch 64.",
+        "",
+    ]
+    return "\n".join(lines)

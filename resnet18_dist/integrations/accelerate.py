@@ -1,0 +1,59 @@
+"""accelerate adapter: the single-node fallback for users without Ray.
+
+An ``Accelerator`` owns process-group setup, device placement, DDP wrapping, mixed precision and
+backward; the training loop and the checkpoint format are the same as under Ray Train, so a run
+started here resumes under Ray and the other way round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from resnet18_dist.config import RunConfig
+from resnet18_dist.engine.runtime import TorchRuntime, resolve_amp, resolve_channels_last
+
+
+def build_accelerator(run: RunConfig):
+    from accelerate import Accelerator
+
+    cpu = run.use_gpu == "off" or not torch.cuda.is_available()
+    if run.use_gpu == "on" and not torch.cuda.is_available():
+        raise RuntimeError("--use-gpu on, but CUDA is not available in this process")
+    device = torch.device("cpu") if cpu else torch.device("cuda")
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision="bf16" if resolve_amp(run.amp, device) else "no",
+    )
+
+
+class AcceleratorRuntime(TorchRuntime):
+    name = "accelerate"
+
+    def __init__(self, run: RunConfig, accelerator) -> None:
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index
+        self.world_size = accelerator.num_processes
+        self.local_rank = accelerator.local_process_index
+        self.device = accelerator.device
+        self._configure(run)
+        # The Accelerator decides mixed precision; report what it does.
+        self.amp = accelerator.mixed_precision == "bf16"
+        self.channels_last = resolve_channels_last(run.channels_last, self.device)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.prepare_model(self.prepare_module(model))
+
+    def unwrap(self, model: nn.Module) -> nn.Module:  # type: ignore[override]
+        return self.accelerator.unwrap_model(model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def shutdown(self) -> None:
+        self.accelerator.end_training()

@@ -1,0 +1,98 @@
+"""Classify images with an exported ONNX model: ONNX Runtime, PIL and numpy only (no torch).
+
+Preprocessing reproduces the training evaluation transform from the model's own metadata:
+RGB, bilinear resize to ``image_size`` (PIL, as torchvision does for PIL images), scale to
+[0, 1], normalise with ``mean``/``std``. The REST endpoint (a later issue) reuses this class.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from resnet18_dist.export.meta import MODEL_INT8_ONNX, MODEL_ONNX, ExportMeta
+
+
+class PredictError(ValueError):
+    """A model or an input that cannot be used; the message names the file."""
+
+
+class OnnxClassifier:
+    def __init__(self, session: object, meta: ExportMeta, path: Path) -> None:
+        self.session = session
+        self.meta = meta
+        self.path = path
+        self.mean = np.asarray(meta.mean, np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(meta.std, np.float32).reshape(1, 3, 1, 1)
+
+    @classmethod
+    def load(cls, model: str | Path, int8: bool = False, threads: int = 0) -> OnnxClassifier:
+        import onnxruntime as ort
+
+        path = Path(model)
+        if path.is_dir():
+            path = path / (MODEL_INT8_ONNX if int8 else MODEL_ONNX)
+        if not path.is_file():
+            raise PredictError(f"{path}: no such model file")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            props = session.get_modelmeta().custom_metadata_map
+            meta = ExportMeta.from_props(props)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise PredictError(f"{path}: not a resnet18-dist ONNX model ({exc})") from exc
+        return cls(session, meta, path)
+
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
+        size = self.meta.image_size
+        arrays = [
+            np.asarray(
+                img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
+            )
+            for img in images
+        ]
+        x = np.stack(arrays).transpose(0, 3, 1, 2) / 255.0
+        return np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
+
+    def predict_images(
+        self, images: list[Image.Image], top_k: int = 5
+    ) -> list[list[tuple[str, float]]]:
+        logits = self.session.run(None, {self.meta.input_name: self.preprocess(images)})[0]
+        z = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        k = min(top_k, probs.shape[1])
+        order = np.argsort(-probs, axis=1)[:, :k]
+        return [
+            [(self.meta.classes[j], float(p[j])) for j in row]
+            for p, row in zip(probs, order, strict=True)
+        ]
+
+    def predict_bytes(
+        self, data: bytes, name: str = "image", top_k: int = 5
+    ) -> list[tuple[str, float]]:
+        return self.predict_images([decode_image(data, name)], top_k)[0]
+
+    def predict_file(self, path: str | Path, top_k: int = 5) -> list[tuple[str, float]]:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise PredictError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        return self.predict_bytes(data, str(path), top_k)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    if not data:
+        raise PredictError(f"{name}: empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except UnidentifiedImageError as exc:
+        raise PredictError(f"{name}: not an image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise PredictError(f"{name}: cannot decode image ({exc})") from exc
+    return img

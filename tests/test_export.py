@@ -1,0 +1,240 @@
+"""Export: model.pt, ONNX FP32, ONNX INT8 from a trained digits model; predict on real JPEGs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+from resnet18_dist.engine.checkpoint import CheckpointError
+from resnet18_dist.engine.reporting import LocalReporter
+from resnet18_dist.engine.runtime import TorchRuntime
+from resnet18_dist.engine.session import run_training
+from resnet18_dist.export.artifact import load_model_pt, model_from_checkpoint
+from resnet18_dist.export.meta import ExportMeta
+from resnet18_dist.export.onnx_export import read_metadata
+from resnet18_dist.export.pipeline import ExportOptions, export_artifacts
+from resnet18_dist.serve.classifier import OnnxClassifier, PredictError
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_digits(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("digits-run")
+    cfg = TrainConfig(
+        data=DataConfig(data_dir=str(digits_dataset)),
+        optim=OptimConfig(epochs=6, patience=0),
+        run=RunConfig(quiet=True, wandb_mode="disabled", cpus_per_worker=2),
+    )
+    report = run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir), run_dir)
+    assert report["test_top1"] > 0.9  # a trained model, not a random one
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(trained_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("export") / "digits"
+    report = export_artifacts(
+        ExportOptions(
+            checkpoint=str(trained_digits),
+            out=str(out),
+            threads=2,
+            latency_iters=20,
+            throughput_seconds=0.5,
+            tensorrt=True,
+        )
+    )
+    return out, report
+
+
+def test_all_artifacts_are_written_and_reported(exported: tuple[Path, dict]) -> None:
+    out, report = exported
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "model.pt",
+        "model.onnx",
+        "model.int8.onnx",
+        "model.dynamic_int8.pt",
+        "meta.json",
+        "report.json",
+        "report.md",
+    } <= names
+    assert not any(n.endswith(".tmp") or n.startswith(".") for n in names)
+    kinds = [r["kind"] for r in report["rows"]]
+    assert kinds[:4] == ["torch_fp32", "onnx_fp32", "onnx_int8", "torch_dynamic_int8"]
+    for row in report["rows"]:
+        assert row["latency_p50_ms"] > 0 and row["latency_p95_ms"] >= row["latency_p50_ms"]
+        assert row["throughput_images_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert 0 <= row["top1"] <= 1 and row["size_bytes"] == (out / row["file"]).stat().st_size
+    assert report["test_images"] == 360
+    # Without tensorrt (or CUDA) the engine is skipped, and the report says why.
+    assert "model.trt.engine" not in names
+    assert "not installed" in report["tensorrt"] or "CUDA" in report["tensorrt"]
+    md = (out / "report.md").read_text()
+    assert "ONNX Runtime INT8" in md and report["machine"] in md
+    assert json.loads((out / "report.json").read_text())["checks"] == report["checks"]
+
+
+def test_onnx_checker_passes_for_both_onnx_models(exported: tuple[Path, dict]) -> None:
+    out, report = exported
+    for name in ("model.onnx", "model.int8.onnx"):
+        onnx.checker.check_model(str(out / name), full_check=True)
+    model = onnx.load(str(out / "model.onnx"))
+    assert model.opset_import[0].version >= 17
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # dynamic batch dimension
+    assert report["checks"]["onnx_checker"] is True
+
+
+def test_onnx_fp32_agrees_with_pytorch_on_real_test_images(
+    exported: tuple[Path, dict], digits_dataset: Path
+) -> None:
+    out, report = exported
+    assert report["checks"]["fp32_max_rel_err"] < 1e-4 and report["checks"]["fp32_ok"]
+    # Recomputed here, independently of the pipeline, on real test images.
+    from resnet18_dist.data.manifest import Manifest
+    from resnet18_dist.export.pipeline import _split_array
+
+    x, _ = _split_array(Manifest.load(digits_dataset), "test", 8, 100)
+    model, _ = load_model_pt(out / "model.pt")
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": x})[0]
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_int8_agrees_with_fp32_on_99_percent_of_the_test_split(exported: tuple[Path, dict]) -> None:
+    _, report = exported
+    rows = {r["kind"]: r for r in report["rows"]}
+    assert report["checks"]["int8_top1_agreement"] >= 0.99 and report["checks"]["int8_ok"]
+    assert rows["onnx_int8"]["size_vs_onnx_fp32"] < 0.30  # weights stored as int8
+    # The guide's dynamic quantization only touches the 5k-parameter head: no size gain.
+    assert rows["torch_dynamic_int8"]["size_vs_onnx_fp32"] > 0.95
+
+
+def test_metadata_round_trip(exported: tuple[Path, dict], trained_digits: Path) -> None:
+    out, _ = exported
+    _, _, expected = model_from_checkpoint(trained_digits)
+    from_onnx = read_metadata(out / "model.onnx")
+    from_int8 = read_metadata(out / "model.int8.onnx")
+    from_json = ExportMeta(**{**json.loads((out / "meta.json").read_text())})
+    _, from_pt = load_model_pt(out / "model.pt")
+    for meta in (from_onnx, from_int8, from_pt):
+        assert meta == expected
+    assert from_json.classes == expected.classes == [str(i) for i in range(10)]
+    assert from_onnx.image_size == 8 and from_onnx.input_name == "input"
+    assert from_onnx.mean == (0.485, 0.456, 0.406) and from_onnx.std == (0.229, 0.224, 0.225)
+
+
+def test_predict_classifies_real_jpegs(exported: tuple[Path, dict], digits_folder: Path) -> None:
+    out, _ = exported
+    files = [sorted((digits_folder / str(d)).iterdir())[0] for d in range(10)]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/predict.py"),
+            "--model",
+            str(out),
+            "--top-k",
+            "3",
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 10
+    correct = 0
+    for f, line in zip(files, lines, strict=True):
+        path, preds = line.split(": ", 1)
+        assert path == str(f)
+        top = preds.split(", ")
+        assert len(top) == 3
+        probs = [float(t.split()[1]) for t in top]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        correct += top[0].split()[0] == f.parent.name
+    assert correct >= 9  # these training-set digits are easy for a 95%+ model
+    clf = OnnxClassifier.load(out, int8=True)
+    assert clf.predict_file(files[3], top_k=1)[0][0] == "3"
+
+
+def test_predict_reports_unreadable_images_and_goes_on(
+    exported: tuple[Path, dict], digits_folder: Path, tmp_path: Path
+) -> None:
+    out, _ = exported
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    good = sorted((digits_folder / "7").iterdir())[0]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/predict.py"),
+            "--model",
+            str(out),
+            str(bad),
+            str(tmp_path / "missing.png"),
+            str(good),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert f"{bad}: not an image" in proc.stderr
+    assert "missing.png: cannot read" in proc.stderr
+    assert proc.stdout.startswith(f"{good}: ")
+    with pytest.raises(PredictError, match="no such model"):
+        OnnxClassifier.load(tmp_path)
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier export")
+    bad = tmp_path / "bad" / "checkpoint.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x80\x04 this is not a checkpoint")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/export.py"),
+            "--checkpoint",
+            str(bad.parent),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert f"{bad}: not a readable checkpoint" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the old output is untouched
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_checkpoint_of_another_architecture_is_refused(
+    trained_digits: Path, tmp_path: Path
+) -> None:
+    from resnet18_dist.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained_digits)
+    state.pop("_path")
+    state["model_spec"] = {**state["model_spec"], "arch": "vgg16"}
+    save_checkpoint(state, tmp_path / "vgg")
+    with pytest.raises(CheckpointError, match="vgg16"):
+        export_artifacts(ExportOptions(checkpoint=str(tmp_path / "vgg"), out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
