@@ -81,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
-        print(
-            f"error: training failed: {exc}\n"
-            f"Checkpoints so far are in {run_dir}; continue with --resume {run_dir}",
-            file=sys.stderr,
-        )
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        if any(run_dir.glob("checkpoint_*/checkpoint.pt")):
+            print(
+                f"Checkpoints so far are in {run_dir}; continue with --resume {run_dir}",
+                file=sys.stderr,
+            )
         return 1
     report = result.return_value
     if report is None:  # e.g. a Ray version that does not return the worker's value

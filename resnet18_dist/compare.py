@@ -151,7 +151,12 @@ def plot_runs(runs: list[RunRecord], path: Path) -> None:
             label=f"{r.name} (train)",
         )
     ax_acc.set(title="Validation top-1 accuracy", xlabel="epoch", ylabel="top-1")
-    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss", yscale="log")
+    ax_loss.set(
+        title="Loss: validation cross-entropy; dashed, the training objective",
+        xlabel="epoch",
+        ylabel="loss",
+        yscale="log",
+    )
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)

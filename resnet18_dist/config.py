@@ -92,10 +92,17 @@ class DataConfig:
         "and DALI are both present).",
         choices=BACKENDS,
     )
+    verify_shards: str = opt(
+        "auto",
+        "Check shard sha256 against the manifest before DALI reads them (DALI's decoder can "
+        "crash on a corrupt image). auto = for splits up to 8 GiB.",
+        choices=("auto", "on", "off"),
+    )
 
     def __post_init__(self) -> None:
         _check_choice(self, "augment")
         _check_choice(self, "data_backend")
+        _check_choice(self, "verify_shards")
         _check(self.image_size >= 0, "image_size", f"must be >= 0 (got {self.image_size})")
         _check(
             self.image_size == 0 or self.image_size >= 8,

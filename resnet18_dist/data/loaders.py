@@ -109,7 +109,9 @@ def build_loaders(
     if backend == "dali":
         from resnet18_dist.data.dali import build_dali_loaders
 
-        loaders = build_dali_loaders(manifest, policy, **kwargs)  # type: ignore[arg-type]
+        loaders = build_dali_loaders(  # type: ignore[arg-type]
+            manifest, policy, verify_shards=cfg.verify_shards, **kwargs
+        )
     else:
         loaders = build_torchvision_loaders(manifest, policy, **kwargs)  # type: ignore[arg-type]
     return Loaders(loaders["train"], loaders["val"], loaders["test"], backend)

@@ -1,13 +1,15 @@
 """The torchvision loader backend: PIL decode + torchvision transforms in DataLoader workers.
 
 Samples are read by random access into the tar shards through their DALI-format index, so
-sharding is per sample, exactly like DALI's reader: each rank reads a disjoint subset, the
-training split is reshuffled every epoch, and every rank runs the same number of steps.
+sharding is per sample: each rank reads a disjoint part, every sample is read exactly once per
+epoch across the ranks, the training split is reshuffled every epoch, and every rank yields the
+same number of batches (only the last one may be short).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import IO
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from resnet18_dist.data.manifest import DatasetError, Manifest, SampleRef, parse_index
@@ -36,7 +38,8 @@ def train_transform(policy: DataPolicy) -> v2.Transform:
     if policy.augment == "seed":
         steps += [
             v2.RandomHorizontalFlip(),
-            v2.RandomRotation(ROTATION_DEGREES),
+            # Bilinear, as the DALI backend rotates (torchvision's default is nearest).
+            v2.RandomRotation(ROTATION_DEGREES, interpolation=v2.InterpolationMode.BILINEAR),
             v2.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER),
         ]
     elif policy.augment == "cifar":
@@ -63,7 +66,14 @@ def _to_normalized_tensor() -> list[v2.Transform]:
 class ShardDataset(Dataset):
     """Map-style view of one split's shards; file handles are opened lazily per process."""
 
-    def __init__(self, manifest: Manifest, split: str, transform: v2.Transform | None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        transform: v2.Transform | None,
+        image_size: int = 0,
+    ) -> None:
+        self.image_size = image_size  # of the transformed images (for empty batches)
         self.paths = manifest.shard_paths(split)
         self.refs: list[SampleRef] = []
         for i, idx in enumerate(manifest.index_paths(split)):
@@ -109,8 +119,36 @@ class ShardDataset(Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
+class EpochPartSampler(Sampler[int]):
+    """This rank's part of an epoch: every sample exactly once across the ranks.
+
+    torch's DistributedSampler either repeats samples to even the ranks out or drops some;
+    here the ranks' parts differ by at most one sample and the loader evens out the batch
+    count instead (see ``TorchvisionLoader.__iter__``). Training parts come from a permutation
+    seeded by (seed, epoch), shared by every rank; evaluation parts are strided, unshuffled.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int, seed: int, shuffle: bool) -> None:
+        self.n, self.rank, self.world_size = n, rank, world_size
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return iter(order[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
 class TorchvisionLoader:
-    """Batches on the device; same ``len`` on every rank for training (see module docstring)."""
+    """Batches on the device; the same number of batches on every rank (see module docstring)."""
 
     backend = "torchvision"
 
@@ -129,28 +167,21 @@ class TorchvisionLoader:
     ) -> None:
         self.dataset = dataset
         self.device = device
+        self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.seed, self.rank = seed, rank
         self.generator = torch.Generator()
-        if train:
-            # drop_last in the sampler: ranks get equal, strictly disjoint sample sets (at most
-            # world_size - 1 samples sit out an epoch, different ones each epoch).
-            self.sampler: DistributedSampler | list[int] = DistributedSampler(
-                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-            )
-        else:
-            # No padding for evaluation: DistributedSampler would repeat samples to even out the
-            # ranks and metrics would count them twice. Ranks may differ by one batch; evaluation
-            # runs the unwrapped model, so no collective waits on the longer rank.
-            self.sampler = list(range(rank, len(dataset), world_size))
+        self.sampler = EpochPartSampler(len(dataset), rank, world_size, seed, shuffle=train)
         self.num_samples = len(self.sampler)
+        # The largest part decides how many batches every rank yields.
+        self._batches = math.ceil(math.ceil(len(dataset) / world_size) / batch_size)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=workers,
             pin_memory=device.type == "cuda",
-            drop_last=train,  # a last batch of 1 would break BatchNorm
+            drop_last=False,
             generator=self.generator,
             persistent_workers=False,  # fresh workers per epoch pick up the per-epoch seed
             prefetch_factor=4 if workers > 0 else None,
@@ -158,20 +189,32 @@ class TorchvisionLoader:
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
         # Worker augmentation seeds come from this generator: deterministic per (seed, rank, epoch).
         self.generator.manual_seed(derive_seed(self.seed, self.rank, epoch, 1))
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self._batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         nb = self.device.type == "cuda"
+        produced = 0
         for images, labels in self.loader:
+            produced += 1
             yield (
                 images.to(self.device, non_blocking=nb, memory_format=self.memory_format),
                 labels.to(self.device, non_blocking=nb),
+            )
+        # A rank whose part is one sample short may run out a batch early; it still takes part
+        # in the last step (an empty batch), so DDP's collectives line up on every rank.
+        while produced < self._batches:
+            produced += 1
+            size = self.dataset.image_size
+            yield (
+                torch.empty(0, 3, size, size, device=self.device).to(
+                    memory_format=self.memory_format
+                ),
+                torch.empty(0, dtype=torch.long, device=self.device),
             )
 
     def close(self) -> None:
@@ -201,19 +244,19 @@ def build_torchvision_loaders(
     )
     return {
         "train": TorchvisionLoader(
-            ShardDataset(manifest, "train", train_transform(policy)),
+            ShardDataset(manifest, "train", train_transform(policy), policy.image_size),
             train=True,
             batch_size=batch_size,
             **common,  # type: ignore[arg-type]
         ),
         "val": TorchvisionLoader(
-            ShardDataset(manifest, "val", eval_transform(policy)),
+            ShardDataset(manifest, "val", eval_transform(policy), policy.image_size),
             train=False,
             batch_size=eval_batch_size,
             **common,  # type: ignore[arg-type]
         ),
         "test": TorchvisionLoader(
-            ShardDataset(manifest, "test", eval_transform(policy)),
+            ShardDataset(manifest, "test", eval_transform(policy), policy.image_size),
             train=False,
             batch_size=eval_batch_size,
             **common,  # type: ignore[arg-type]

@@ -79,14 +79,17 @@ def train_one_epoch(
     start = window_start = time.perf_counter()
     window_seen = 0
     for i, (images, labels) in enumerate(loader):
-        with runtime.autocast():
-            loss, logits = task.loss(model, images, labels)
+        n = labels.shape[0]
+        if n >= 2:
+            with runtime.autocast():
+                loss, logits = task.loss(model, images, labels)
+        else:
+            loss, logits = _tiny_batch_loss(model, task, images, labels, runtime)
         optimizer.zero_grad(set_to_none=True)
         runtime.backward(loss)
         optimizer.step()
         scheduler.step()
         state.global_step += 1
-        n = labels.shape[0]
         seen += n
         window_seen += n
         # Device-side accumulation: no host sync per step.
@@ -119,6 +122,30 @@ def train_one_epoch(
     }
 
 
+def _tiny_batch_loss(
+    model: nn.Module, task: Any, images: torch.Tensor, labels: torch.Tensor, runtime: TorchRuntime
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last training batch of an epoch can hold 1 sample, or none on a rank whose part of
+    the split was one sample shorter (every sample is read exactly once per epoch). BatchNorm
+    cannot take statistics of so few values, so this step uses the running statistics; an empty
+    batch contributes a zero loss but still joins DDP's gradient all-reduce, which every rank
+    must reach."""
+    bns = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    for m in bns:
+        m.eval()
+    try:
+        with runtime.autocast():
+            if labels.numel():
+                return task.loss(model, images, labels)
+            logits = model(images)
+            return logits.sum() * 0.0, logits
+    finally:
+        for m in bns:
+            m.train()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -142,6 +169,8 @@ def evaluate(
         mininterval=0.5 if sys.stderr.isatty() else 10.0,
     )
     for images, labels in batches:
+        if labels.numel() == 0:  # a rank whose part of the split ended one batch early
+            continue
         with runtime.autocast():
             logits = model(images)
         logits = logits.float()

@@ -42,7 +42,9 @@ def read_weights(source: str, arch: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable weights file ({exc})") from exc
+        raise CheckpointError(
+            f"{path}: not a readable weights file ({type(exc).__name__}: {exc})"
+        ) from exc
     if isinstance(state, dict) and "model_spec" in state and "model" in state:
         return best_model_state(state)  # a checkpoint of this project
     if isinstance(state, dict) and "state_dict" in state:  # a common wrapper
