@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from resnet18_dist.data.manifest import Manifest
     from resnet18_dist.data.policy import resolve_policy
     from resnet18_dist.data.torch_loader import ShardDataset, TorchvisionLoader, train_transform
-    from resnet18_dist.export.pipeline import machine_description
+    from resnet18_dist.machine import machine_description
     from resnet18_dist.models import ModelSpec, build_model, resolve_stem
 
     device = torch.device(

@@ -11,31 +11,12 @@ images/s for each and their ratio (project / plain).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def machine_description() -> str:
-    import torch
-
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from resnet18_dist.engine.optim import build_optimizer, build_scheduler
     from resnet18_dist.engine.runtime import TorchRuntime
     from resnet18_dist.engine.tasks import ClassificationTask
+    from resnet18_dist.machine import machine_description
     from resnet18_dist.models import ModelSpec, build_model, resolve_stem
 
     threads = args.threads or os.cpu_count() or 1
@@ -157,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         return seen / (time.perf_counter() - start)
 
-    print(f"machine: {machine_description()}")
+    print(f"machine: {machine_description(threads)}")
     print(
         f"data: {data_dir} ({manifest.counts['train']} train images, {policy.image_size}px, "
         f"augment {policy.augment}), batch {args.batch_size}, device {device}, "

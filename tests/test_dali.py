@@ -261,7 +261,7 @@ def test_labels_decode_from_zero_padded_ascii() -> None:
     raw = torch.tensor([[48, 48, 55], [49, 50, 51], [57, 57, 57]], dtype=torch.uint8)
     assert labels_from_ascii(raw).tolist() == [7, 123, 999]
     with pytest.raises(DatasetError, match="ASCII"):
-        labels_from_ascii(torch.tensor([[65]], dtype=torch.uint8))
+        labels_from_ascii(torch.tensor([[65]], dtype=torch.uint8), check=True)
 
 
 def test_a_corrupt_image_is_named_by_shard_and_key(small_digits: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 AUTO_VERIFY_MAX_BYTES = 8 * 2**30
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -76,7 +76,7 @@ def verify_split(manifest: Manifest, split: str, mode: str = "auto") -> bool:
         return False
     for i, info in enumerate(shards):
         path = manifest.root / info.path
-        if path.stat().st_size != info.bytes or _sha256(path) != info.sha256:
+        if path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
             raise DatasetError(
                 describe_corruption(manifest, split, i)
                 + ". Re-prepare the dataset (launch/prepare_data.py)."

@@ -8,7 +8,6 @@ output directory only when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from resnet18_dist.atomic import atomic_write_text, staged_directory
+from resnet18_dist.data.integrity import sha256_file
 from resnet18_dist.data.manifest import (
     FORMAT,
     IMAGE_EXT,
@@ -188,14 +188,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _progress(it: Iterable[T], total: int, desc: str, quiet: bool) -> Iterable[T]:
     return tqdm(it, total=total, desc=desc, unit="img", disable=quiet, mininterval=1.0)
 
@@ -296,7 +288,7 @@ def prepare_dataset(opts: PrepareOptions, source_label: str | None = None) -> Pr
                         "path": f"{name}.tar",
                         "idx": f"{name}.idx",
                         "count": len(chunk),
-                        "sha256": _sha256(tar_path),
+                        "sha256": sha256_file(tar_path),
                         "bytes": tar_path.stat().st_size,
                     }
                 )

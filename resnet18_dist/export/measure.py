@@ -150,7 +150,13 @@ def measure(
     if not parent.poll(timeout_s):
         proc.kill()
         raise RuntimeError(f"measuring {path.name} did not finish in {timeout_s:.0f}s")
-    result = parent.recv()
+    try:
+        result = parent.recv()
+    except EOFError:  # the child died without a word (crash, OOM kill)
+        proc.join(60)
+        raise RuntimeError(
+            f"measuring {path.name}: its process died (exit code {proc.exitcode})"
+        ) from None
     proc.join(60)
     if "error" in result:
         raise RuntimeError(f"measuring {path.name} failed: {result['error']}")

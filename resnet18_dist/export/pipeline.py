@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from resnet18_dist.export.quantize import (
     save_dynamic_torch,
 )
 from resnet18_dist.export.report import render_markdown
+from resnet18_dist.machine import machine_description
 from resnet18_dist.metrics import ClassificationMetrics
 
 log = logging.getLogger(__name__)
@@ -95,24 +95,6 @@ def _metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[s
     m.update(lt, yt, torch.nn.functional.cross_entropy(lt.float(), yt))
     out = m.compute()
     return {"top1": out["top1"], "top5": out["top5"], "f1_macro": out["f1_macro"]}
-
-
-def machine_description(threads: int) -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, {threads} intra-op thread(s) for every row; "
-        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
-        f"Python {platform.python_version()}"
-    )
 
 
 def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
