@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from resnet18_dist.data.digits import ensure_digits_dataset
     from resnet18_dist.data.loaders import resolve_backend
     from resnet18_dist.data.manifest import DatasetError, Manifest
+    from resnet18_dist.engine.checkpoint import latest_checkpoint_in
     from resnet18_dist.engine.session import REPORT_FILE, default_run_name, format_report
     from resnet18_dist.integrations import wandb as wandb_adapter
     from resnet18_dist.integrations.ray_train import (
@@ -82,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.fit()
     except TrainingFailedError as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
-        if any(run_dir.glob("checkpoint_*/checkpoint.pt")):
+        latest = latest_checkpoint_in(run_dir) if run_dir.is_dir() else None
+        if latest is not None:
             print(
-                f"Checkpoints so far are in {run_dir}; continue with --resume {run_dir}",
+                f"The newest complete checkpoint is {latest}; continue with --resume {run_dir}",
                 file=sys.stderr,
             )
         return 1

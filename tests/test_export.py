@@ -34,11 +34,13 @@ def trained_digits(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactor
     run_dir = tmp_path_factory.mktemp("digits-run")
     cfg = TrainConfig(
         data=DataConfig(data_dir=str(digits_dataset)),
-        optim=OptimConfig(epochs=6, patience=0),
+        # Long enough for confident predictions: a 6-epoch model (~93%) has so many near-ties
+        # that INT8 rounding flips a few of them, on some CPUs more than 1%.
+        optim=OptimConfig(epochs=12, patience=0),
         run=RunConfig(quiet=True, wandb_mode="disabled", cpus_per_worker=2),
     )
     report = run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir), run_dir)
-    assert report["test_top1"] > 0.9  # a trained model, not a random one
+    assert report["test_top1"] > 0.95  # a trained model, not a random one
     return run_dir
 
 
@@ -117,7 +119,11 @@ def test_onnx_fp32_agrees_with_pytorch_on_real_test_images(
 def test_int8_agrees_with_fp32_on_99_percent_of_the_test_split(exported: tuple[Path, dict]) -> None:
     _, report = exported
     rows = {r["kind"]: r for r in report["rows"]}
-    assert report["checks"]["int8_top1_agreement"] >= 0.99 and report["checks"]["int8_ok"]
+    agreement = report["checks"]["int8_top1_agreement"]
+    assert agreement >= 0.99 and report["checks"]["int8_ok"], (
+        f"INT8 agreement {agreement:.4f} on {report['machine']}, "
+        f"reduce_range {report.get('reduce_range')}, FP32 top-1 {rows['onnx_fp32']['top1']:.4f}"
+    )
     assert rows["onnx_int8"]["size_vs_onnx_fp32"] < 0.30  # weights stored as int8
     # The guide's dynamic quantization only touches the 5k-parameter head: no size gain.
     assert rows["torch_dynamic_int8"]["size_vs_onnx_fp32"] > 0.95
@@ -139,7 +145,7 @@ def test_metadata_round_trip(exported: tuple[Path, dict], trained_digits: Path) 
 
 def test_predict_classifies_real_jpegs(exported: tuple[Path, dict], digits_folder: Path) -> None:
     out, _ = exported
-    files = [sorted((digits_folder / str(d)).iterdir())[0] for d in range(10)]
+    files = [f for d in range(10) for f in sorted((digits_folder / str(d)).iterdir())[:5]]
     proc = subprocess.run(
         [
             sys.executable,
@@ -156,7 +162,7 @@ def test_predict_classifies_real_jpegs(exported: tuple[Path, dict], digits_folde
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 10
+    assert len(lines) == len(files) == 50
     correct = 0
     for f, line in zip(files, lines, strict=True):
         path, preds = line.split(": ", 1)
@@ -166,9 +172,10 @@ def test_predict_classifies_real_jpegs(exported: tuple[Path, dict], digits_folde
         probs = [float(t.split()[1]) for t in top]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
         correct += top[0].split()[0] == f.parent.name
-    assert correct >= 9  # these training-set digits are easy for a 95%+ model
+    assert correct >= 45  # real digits (mostly training images) for a 95%+ model
     clf = OnnxClassifier.load(out, int8=True)
-    assert clf.predict_file(files[3], top_k=1)[0][0] == "3"
+    int8_correct = sum(clf.predict_file(f, top_k=1)[0][0] == f.parent.name for f in files)
+    assert int8_correct >= 45
 
 
 def test_predict_reports_unreadable_images_and_goes_on(

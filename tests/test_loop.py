@@ -159,3 +159,27 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
     assert torch.equal(load_checkpoint(tmp_path)["model"]["w"], torch.ones(3))
+
+
+def test_a_half_copied_newest_checkpoint_is_skipped_on_resume(tmp_path: Path, caplog) -> None:
+    """Ray persists checkpoints by copying in place; a kill mid-copy truncates the newest."""
+    for epoch in (1, 2):
+        save_checkpoint(
+            {"model": {"w": torch.full((3,), float(epoch))}, "model_spec": {}},
+            tmp_path / f"checkpoint_epoch{epoch:04d}",
+        )
+    newest = tmp_path / "checkpoint_epoch0002" / "checkpoint.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING"):
+        state = load_checkpoint(tmp_path)
+    assert state["_path"] == str(tmp_path / "checkpoint_epoch0001" / "checkpoint.pt")
+    assert torch.equal(state["model"]["w"], torch.ones(3))
+    assert f"skipping {newest}: incomplete checkpoint" in caplog.text
+    # Named directly, the truncated file is an error that names it, never a silent fallback.
+    with pytest.raises(CheckpointError, match="checkpoint_epoch0002"):
+        load_checkpoint(newest.parent)
+    newest.unlink()
+    (tmp_path / "checkpoint_epoch0001" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no checkpoint.pt"):
+        load_checkpoint(tmp_path)

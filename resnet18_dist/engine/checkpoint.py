@@ -7,6 +7,7 @@ layout Ray Train persists), so a run started under accelerate resumes under Ray 
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import re
 import zipfile
@@ -20,6 +21,8 @@ from resnet18_dist.models import ModelSpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -49,15 +52,35 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 
 def latest_checkpoint_in(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest epoch among ``run_dir/checkpoint_*/checkpoint.pt``."""
-    best: tuple[int, float, Path] | None = None
+    """The complete checkpoint with the highest epoch among ``run_dir/checkpoint_*/``.
+
+    Our own writes are atomic, but Ray Train persists a reported checkpoint by copying it into
+    the run directory in place (``pyarrow.fs.copy_files``): a worker killed mid-copy leaves a
+    truncated file there. Ray never registers it, and neither do we: it is skipped, with a
+    warning, for the newest one that is whole.
+    """
+    found = []
     for f in Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"):
         m = re.search(r"epoch(\d+)", f.parent.name)
-        epoch = int(m.group(1)) if m else -1
-        key = (epoch, f.stat().st_mtime, f)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return best[2] if best else None
+        found.append((int(m.group(1)) if m else -1, f.stat().st_mtime, f))
+    for _, _, f in sorted(found, key=lambda t: t[:2], reverse=True):
+        problem = _incomplete(f)
+        if problem is None:
+            return f
+        log.warning("skipping %s: incomplete checkpoint (%s)", f, problem)
+    return None
+
+
+def _incomplete(path: Path) -> str | None:
+    """Why ``path`` is not a whole torch.save archive, or None. torch.save writes a zip whose
+    central directory comes last, so any truncation shows here without reading the tensors."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not any(n.endswith("/data.pkl") for n in zf.namelist()):
+                return "no data.pkl in the archive"
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

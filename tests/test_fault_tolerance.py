@@ -1,0 +1,111 @@
+"""A Ray Train worker killed mid-run (SIGKILL, as an OOM killer or a lost node would): with
+``--max-failures`` Ray restarts the group from the last checkpoint; without, the launcher says
+what failed and where the intact checkpoints are."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from resnet18_dist.engine.checkpoint import load_checkpoint
+
+from .conftest import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _train_and_kill_a_worker(
+    digits_dataset: Path, out: Path, max_failures: int
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """Start a 2-worker run, SIGKILL one worker once epoch 2's checkpoint is persisted."""
+    run_dir = out / "ft"
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/train.py"),
+        "--data-dir",
+        str(digits_dataset),
+        "--num-workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--epochs",
+        "5",
+        "--max-failures",
+        str(max_failures),
+        "--output-dir",
+        str(out),
+        "--name",
+        "ft",
+        "--wandb-mode",
+        "disabled",
+        "--quiet",
+    ]
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        killed = None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run_dir / "checkpoint_epoch0002" / "checkpoint.pt").is_file():
+                # Only this run's own workers: descendants of the launcher (its local Ray).
+                workers = [
+                    p
+                    for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "RayTrainWorker" in " ".join(_cmdline(p))
+                ]
+                if workers:
+                    killed = workers[0]
+                    killed.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.2)
+        assert killed is not None, "the run ended before a worker could be killed"
+        rc = proc.wait(timeout=600)
+    text = (out / "log.txt").read_text()
+    return subprocess.CompletedProcess(cmd, rc, text, ""), run_dir
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
+def _epochs_logged(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in lines]
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(
+    digits_dataset: Path, tmp_path: Path
+) -> None:
+    proc, run_dir = _train_and_kill_a_worker(digits_dataset, tmp_path, max_failures=1)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Ray Train restored checkpoint" in proc.stdout
+    assert "test report (360 images" in proc.stdout
+    epochs = _epochs_logged(run_dir)
+    # Resumed, not restarted: epochs 1 and 2 were trained once; every epoch is logged.
+    assert epochs.count(epochs[0]) == 1 and epochs.count(epochs[1]) == 1
+    assert sorted(set(epochs)) == list(range(epochs[0], epochs[0] + 5))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["test_samples"] == 360 and report["test_top1"] > 0.5
+
+
+def test_killed_worker_without_retries_is_a_clear_error_and_keeps_checkpoints(
+    digits_dataset: Path, tmp_path: Path
+) -> None:
+    proc, run_dir = _train_and_kill_a_worker(digits_dataset, tmp_path, max_failures=0)
+    assert proc.returncode == 1
+    assert "error: training failed" in proc.stdout
+    assert f"continue with --resume {run_dir}" in proc.stdout
+    # What was saved before the kill is intact: the newest whole checkpoint resumes. (The kill
+    # may land while Ray copies epoch 2's checkpoint into place; that copy is then skipped.)
+    state = load_checkpoint(run_dir)
+    assert state["loop"]["epoch"] >= 1 and "model" in state
+    assert not list(run_dir.rglob("*.tmp"))
