@@ -122,7 +122,9 @@ class WandbCallback(Callback):
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         system = {"system/peak_memory_mb": metrics["peak_memory_mb"]}
-        self.run.log(scalars | system | {"epoch": epoch + 1})
+        # Epochs are counted from 1 in W&B, as in the console log and the test report.
+        epochs = {"epoch": epoch + 1, "best_epoch": metrics["best_epoch"] + 1}
+        self.run.log(scalars | system | epochs)
 
     def on_test(self, report: dict[str, Any]) -> None:
         if self.run is None:
@@ -131,7 +133,7 @@ class WandbCallback(Callback):
 
         for k, v in report.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.run.summary[k] = v
+                self.run.summary[k] = v + 1 if k == "best_epoch" else v
         classes = report["classes"]
         per_class = wandb.Table(columns=["class", "test_accuracy"])
         for c in classes:
@@ -149,7 +151,11 @@ class WandbCallback(Callback):
             artifact = wandb.Artifact(
                 f"model-{self.name}",
                 type="model",
-                metadata={k: report[k] for k in ("best_epoch", "best_val_top1", "test_top1")},
+                metadata={
+                    "best_epoch": report["best_epoch"] + 1,
+                    "best_val_top1": report["best_val_top1"],
+                    "test_top1": report["test_top1"],
+                },
             )
             artifact.add_file(model_file)
             self.run.log_artifact(artifact, aliases=["best"])
