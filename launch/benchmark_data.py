@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from resnet18_dist.config import DataConfig
-    from resnet18_dist.data.digits import ensure_digits_dataset
+    from resnet18_dist.data.batching import LoaderSettings
+    from resnet18_dist.data.digits import dataset_dir
     from resnet18_dist.data.manifest import Manifest
     from resnet18_dist.data.policy import resolve_policy
     from resnet18_dist.data.torch_loader import ShardDataset, TorchvisionLoader, train_transform
@@ -61,40 +62,30 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(0)
         device = torch.device("cuda", 0)
     gpu = device.type == "cuda"
-    data_dir = Path(args.data_dir) if args.data_dir else ensure_digits_dataset()
+    data_dir = dataset_dir(args.data_dir)
     manifest = Manifest.load(data_dir)
     policy = resolve_policy(DataConfig(image_size=args.image_size, augment=args.augment), manifest)
     channels_last = gpu
 
+    settings = LoaderSettings(
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        rank=0,
+        world_size=1,
+        seed=0,
+        workers=args.threads,  # DataLoader worker processes / DALI threads
+        device=device,
+        channels_last=channels_last,
+    )
+
     def torchvision_loader() -> TorchvisionLoader:
-        return TorchvisionLoader(
-            ShardDataset(manifest, "train", train_transform(policy), policy.image_size),
-            train=True,
-            batch_size=args.batch_size,
-            rank=0,
-            world_size=1,
-            seed=0,
-            workers=args.threads,
-            device=device,
-            channels_last=channels_last,
-        )
+        dataset = ShardDataset(manifest, "train", train_transform(policy), policy.image_size)
+        return TorchvisionLoader(dataset, settings, train=True)
 
     def dali_loader():
         from resnet18_dist.data.dali import DaliLoader
 
-        return DaliLoader(
-            manifest,
-            "train",
-            policy,
-            train=True,
-            batch_size=args.batch_size,
-            rank=0,
-            world_size=1,
-            seed=0,
-            threads=args.threads,
-            device=device,
-            channels_last=channels_last,
-        )
+        return DaliLoader(manifest, "train", policy, settings, train=True)
 
     def sync() -> None:
         if gpu:

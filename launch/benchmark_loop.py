@@ -34,13 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     from torch.nn import functional as F
 
     from resnet18_dist.config import DataConfig, OptimConfig, RunConfig
-    from resnet18_dist.data.digits import ensure_digits_dataset
-    from resnet18_dist.data.loaders import build_loaders
+    from resnet18_dist.data.digits import dataset_dir
+    from resnet18_dist.data.loaders import build_loaders, loader_settings
     from resnet18_dist.data.manifest import Manifest
     from resnet18_dist.data.policy import resolve_policy
     from resnet18_dist.data.torch_loader import ShardDataset, train_transform
     from resnet18_dist.engine.callbacks import CallbackList
-    from resnet18_dist.engine.loop import LoopState, train_one_epoch
+    from resnet18_dist.engine.checkpoint import LoopState
+    from resnet18_dist.engine.loop import TrainingSetup, train_one_epoch
     from resnet18_dist.engine.optim import build_optimizer, build_scheduler
     from resnet18_dist.engine.runtime import TorchRuntime
     from resnet18_dist.engine.tasks import ClassificationTask
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from resnet18_dist.models import ModelSpec, build_model, resolve_stem
 
     threads = args.threads or os.cpu_count() or 1
-    data_dir = Path(args.data_dir) if args.data_dir else ensure_digits_dataset()
+    data_dir = dataset_dir(args.data_dir)
     manifest = Manifest.load(data_dir)
     data_cfg = DataConfig(data_dir=str(data_dir), batch_size=args.batch_size, loader_workers=0)
     policy = resolve_policy(data_cfg, manifest)
@@ -59,10 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     # --- the project's loop: runtime, loader backend, task, scheduler, callbacks
     torch.manual_seed(0)
     model_a = runtime.wrap_model(build_model(spec))
-    loaders = build_loaders(
+    settings = loader_settings(
         data_cfg,
-        manifest,
-        policy,
         rank=0,
         world_size=1,
         seed=0,
@@ -70,10 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         channels_last=runtime.channels_last,
         cpus_per_worker=threads,
     )
+    loaders = build_loaders(data_cfg, manifest, policy, settings)
     optim_cfg = OptimConfig(epochs=args.epochs + 1)
     opt_a = build_optimizer(model_a, optim_cfg)
     sched_a = build_scheduler(opt_a, optim_cfg, len(loaders.train))
-    state, task, callbacks = LoopState(), ClassificationTask(), CallbackList()
+    state, callbacks = LoopState(), CallbackList()
+    setup = TrainingSetup(
+        model=model_a,
+        unwrapped=runtime.unwrap(model_a),
+        task=ClassificationTask(),
+        optimizer=opt_a,
+        scheduler=sched_a,
+    )
 
     class Capped:
         """Caps the steps of an epoch (for quick runs on large datasets)."""
@@ -92,18 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def project_epoch(epoch: int) -> float:
         loaders.train.set_epoch(epoch)
-        out = train_one_epoch(
-            model_a,
-            task,
-            Capped(loaders.train),
-            opt_a,
-            sched_a,
-            runtime,
-            state,
-            callbacks,
-            log_every=10,
-            set_train_mode=lambda m: m.train(),
-        )
+        out = train_one_epoch(setup, Capped(loaders.train), runtime, state, callbacks, log_every=10)
         return out["train_images_per_s"]
 
     # --- a plain PyTorch loop: DataLoader, model, SGD, cross-entropy. Nothing else.

@@ -37,12 +37,30 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux exposes it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere, the only portable read is a set-and-restore
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it into place."""
+    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it into place.
+
+    The file gets the mode an ordinary ``open()`` would give it (0666 less the umask), not
+    mkstemp's owner-only 0600: datasets and exports are read by other users and services.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())
     except OSError as exc:
         raise WriteError(exc.errno, f"cannot write {path}: {_describe(exc)}") from exc
     try:
@@ -83,6 +101,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        stage.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the output
     except OSError as exc:
         raise WriteError(exc.errno, f"cannot write {final}: {_describe(exc)}") from exc
     try:

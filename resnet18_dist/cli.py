@@ -1,87 +1,153 @@
-"""Turn the config dataclasses into an argparse parser, and parsed flags back into a config.
+"""Any ``Options`` dataclass as an argparse parser; parsed flags (over an optional YAML file) back
+into a validated instance; and the README's options tables.
 
-Launchers own ``sys.argv``; this module only builds the parser and merges
-defaults < ``--config`` YAML < flags. Any invalid option exits with code 2 and names the flag.
+Commands own ``sys.argv``; this module builds parsers and merges defaults < ``--config`` YAML <
+flags. Any invalid option exits with code 2 and names the flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from typing import Any
+from typing import Any, TypeVar
 
-from resnet18_dist.config import (
+from resnet18_dist.options import (
     ConfigError,
-    TrainConfig,
-    base_type,
+    FieldType,
+    Options,
+    bounds_text,
+    default_of,
     flag,
-    option_fields,
     read_yaml,
 )
 
+O = TypeVar("O", bound=Options)  # noqa: E741
 
-def build_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+
+def build_parser(
+    cls: type[Options],
+    description: str,
+    prog: str | None = None,
+    *,
+    config_file: bool = True,
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    """Flags for every option of ``cls`` (grouped by section), plus ``--config FILE.yaml``."""
     # argument_default=SUPPRESS: only flags the user gave land in the namespace, so they can
     # override the YAML file without the parser's defaults overriding it too.
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, argument_default=argparse.SUPPRESS
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="YAML file with sections data/model/optim/run (as written to a run's config.yaml); "
-        "flags given on the command line override it.",
-    )
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for section, f in option_fields():
-        group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kind = base_type(f.type)
-        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
-        dest = f"{section}.{f.name}"
-        if kind is bool:
-            group.add_argument(
-                flag(f.name), action=argparse.BooleanOptionalAction, dest=dest, help=help_text
-            )
-            continue
-        choices = f.metadata.get("choices")
-        group.add_argument(
-            flag(f.name),
-            type=kind,
-            choices=choices,
-            metavar=None if choices else f.name.upper(),
-            dest=dest,
-            help=help_text,
+    if config_file:
+        layout = "with sections " + "/".join(cls.sections()) if cls.sections() else "of options"
+        parser.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help=f"YAML file {layout} (as a run writes to its config.yaml); flags given on the "
+            "command line override it.",
         )
+    groups: dict[str | None, Any] = {}
+    seen: set[str] = set()
+    for section, f, ftype in cls.option_fields():
+        if not f.metadata.get("cli", True):
+            continue
+        if f.name in seen:  # sections share one flag namespace
+            raise ValueError(f"option {f.name} is declared twice in {cls.__name__}")
+        seen.add(f.name)
+        group = groups.get(section)
+        if group is None:
+            group = parser.add_argument_group(f"{section} options") if section else parser
+            groups[section] = group
+        _add_argument(group, section, f, ftype)
     return parser
 
 
-def config_from_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> TrainConfig:
-    """Parse argv into a validated TrainConfig; exit 2 with the offending flag on error."""
-    return config_from_namespace(parser, parser.parse_args(argv))
+def _help(f: Any, ftype: FieldType) -> str:
+    default = default_of(f)
+    shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+    bounds = bounds_text(f)
+    text = f.metadata["help"] + (f" ({bounds})" if bounds else "")
+    if not f.metadata.get("required"):
+        text += f" (default: {shown})"
+    return text.replace("%", "%%")
 
 
-def config_from_namespace(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> TrainConfig:
+def _add_argument(group: Any, section: str | None, f: Any, ftype: FieldType) -> None:
+    dest = f"{section}.{f.name}" if section else f.name
+    meta = f.metadata
+    help_text = _help(f, ftype)
+    if meta.get("positional"):
+        group.add_argument(dest, nargs=meta.get("nargs"), metavar=f.name.upper(), help=help_text)
+        return
+    if ftype.kind is bool and ftype.sequence is None:
+        group.add_argument(
+            flag(f.name), action=argparse.BooleanOptionalAction, dest=dest, help=help_text
+        )
+        return
+    choices = meta.get("choices") if ftype.sequence is None else None
+    metavar = meta.get("metavar")
+    if metavar is None and choices is None:
+        metavar = f.name.upper() if ftype.sequence is None else "A,B,..."
+    kwargs: dict[str, Any] = {"dest": dest, "help": help_text, "metavar": metavar}
+    if choices is not None:
+        # Shown as {a,b,c}; the value is checked (with a message naming the flag) on coercion.
+        kwargs["choices"] = [str(c) for c in choices]
+        kwargs["metavar"] = None
+    if meta.get("nargs") == "?":
+        kwargs["nargs"] = "?"
+        kwargs["const"] = meta.get("const")
+    group.add_argument(flag(f.name), **kwargs)
+
+
+def merged_dict(cls: type[Options], ns: argparse.Namespace) -> dict[str, Any]:
+    """defaults < YAML (``--config``) < flags, as a nested dict for ``cls.from_dict``."""
     given: dict[str, Any] = vars(ns)
+    raw: dict[str, Any] = read_yaml(given["config"]) if given.get("config") else {}
+    sectioned = bool(cls.sections())
+    for key, value in given.items():
+        if key == "config":
+            continue
+        if sectioned and "." in key:
+            section, name = key.split(".", 1)
+            if not isinstance(raw.get(section), dict):
+                raw[section] = {}
+            raw[section][name] = value
+        elif not sectioned:
+            raw[key] = value
+    return raw
+
+
+def parse_options(
+    cls: type[O], parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> O:
+    """Parse argv into a validated ``cls``; exit 2 naming the flag on any error."""
     try:
-        raw: dict[str, Any] = read_yaml(given["config"]) if "config" in given else {}
-        for key, value in given.items():
-            if "." in key:
-                section, name = key.split(".", 1)
-                if not isinstance(raw.get(section), dict):
-                    raw[section] = {}
-                raw[section][name] = value
-        return TrainConfig.from_dict(raw)
+        return cls.from_dict(merged_dict(cls, parser.parse_args(argv)))
     except ConfigError as exc:
         parser.error(str(exc))  # prints usage + message, exits with code 2
     raise AssertionError("unreachable")
 
 
-def options_markdown() -> str:
-    """The README's options table, generated from the dataclasses (a test keeps them equal)."""
+def options_markdown(cls: type[Options]) -> str:
+    """A README options table generated from ``cls`` (a test keeps the README equal to it)."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
-    for _, f in option_fields():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = "—" if default is None else ('`""`' if default == "" else f"`{default}`")
-        rows.append(f"| `{flag(f.name)}` | {shown} | {f.metadata['help'].replace('|', '/')} |")
+    for _, f, _ftype in cls.option_fields():
+        if not f.metadata.get("cli", True):
+            continue
+        name = f.name.upper() if f.metadata.get("positional") else f"`{flag(f.name)}`"
+        default = default_of(f)
+        if f.metadata.get("required") or f.metadata.get("positional"):
+            shown = "required"
+        elif default is None:
+            shown = "—"
+        elif isinstance(default, (tuple, list)):
+            shown = f"`{','.join(map(str, default))}`"
+        else:
+            shown = '`""`' if default == "" else f"`{default}`"
+        bounds = bounds_text(f)
+        meaning = f.metadata["help"] + (f" ({bounds})" if bounds else "")
+        rows.append(f"| {name} | {shown} | {meaning.replace('|', '/')} |")
     return "\n".join(rows)

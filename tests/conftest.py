@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -94,3 +96,162 @@ def cifar_train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(CIFAR_TAR) as tar:
         tar.extractall(out, filter="data")
     return out / "train"
+
+
+@pytest.fixture(scope="session")
+def gray_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """80 flat mid-grey 32-px PNGs in 2 classes: augmentation is all that changes them."""
+    root = tmp_path_factory.mktemp("gray")
+    for c in range(2):
+        d = root / "src" / f"c{c}"
+        d.mkdir(parents=True)
+        for i in range(40):
+            Image.new("RGB", (32, 32), (128, 128, 128)).save(d / f"{i}.png")
+    out = root / "prepared"
+    from resnet18_dist.data.prepare import PrepareOptions, prepare_dataset
+
+    prepare_dataset(PrepareOptions(source=str(root / "src"), out=str(out), quiet=True))
+    return out
+
+
+def load_launcher(name: str):
+    """A launch/ script as a module, so a test can call its main() in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def small_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-epoch run on the small digits (a real checkpoint for tests that need one)."""
+    from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+    from resnet18_dist.engine.reporting import LocalReporter
+    from resnet18_dist.engine.runtime import TorchRuntime
+    from resnet18_dist.engine.session import run_training
+
+    run_dir = tmp_path_factory.mktemp("small-run") / "run"
+    cfg = TrainConfig(
+        data=DataConfig(data_dir=str(small_digits), batch_size=32),
+        optim=OptimConfig(epochs=1, lr=0.05),
+        run=RunConfig(seed=1, quiet=True, wandb_mode="disabled"),
+    )
+    run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir), run_dir)
+    return run_dir
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(target, world: int, *args, timeout: float = 600) -> None:
+    """Run ``target(rank, world, *args)`` in ``world`` spawned processes that form one gloo
+    process group on loopback (torchrun's environment variables); every rank must exit 0."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_rank_main, args=(target, r, world, port, args)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"rank exit codes {codes}"
+
+
+def _rank_main(target, rank: int, world: int, port: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        target(rank, world, *args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(script: str, *args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python launch/<script>.py ARGS`` as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / f"{script}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def train_args(
+    output_dir: Path, name: str, workers: int = 2, *extra: str, quiet: bool = True
+) -> list[str]:
+    """The training command's options for a W&B-free run into ``output_dir/name``."""
+    return [
+        "--num-workers",
+        str(workers),
+        "--output-dir",
+        str(output_dir),
+        "--name",
+        name,
+        "--wandb-mode",
+        "disabled",
+        *(["--quiet"] if quiet else []),
+        *extra,
+    ]
+
+
+def corrupt_sample(dataset: Path, out: Path, split: str, shard: int, member: int):
+    """A copy of ``dataset`` in ``out`` whose ``member``-th tar member of the ``shard``-th shard
+    of ``split`` is overwritten with zeros; returns (manifest, shard path, tar member)."""
+    from resnet18_dist.data.manifest import Manifest
+
+    shutil.copytree(dataset, out)
+    manifest = Manifest.load(out)
+    path = manifest.shard_paths(split)[shard]
+    with tarfile.open(path) as tar:
+        info = tar.getmembers()[member]
+    raw = bytearray(path.read_bytes())
+    raw[info.offset_data : info.offset_data + info.size] = b"\0" * info.size
+    path.write_bytes(bytes(raw))
+    return manifest, path, info
+
+
+def cpu_settings(
+    bs: int = 16,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    workers: int = 0,
+    channels_last: bool = False,
+):
+    """LoaderSettings for one CPU rank (the same batch size for training and evaluation)."""
+    import torch
+
+    from resnet18_dist.data.batching import LoaderSettings
+
+    return LoaderSettings(
+        batch_size=bs,
+        eval_batch_size=bs,
+        rank=rank,
+        world_size=world,
+        seed=seed,
+        workers=workers,
+        device=torch.device("cpu"),
+        channels_last=channels_last,
+    )

@@ -182,6 +182,7 @@ def test_compare_prints_the_table_and_writes_a_plot(runs: dict, tmp_path: Path) 
             str(png),
         ]
     )
+    assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = lines[0]
     assert "optim.epochs" in header and "run.resume" in header  # the config differences
@@ -199,4 +200,9 @@ def test_compare_prints_the_table_and_writes_a_plot(runs: dict, tmp_path: Path) 
             str(tmp_path / "sweep.png"),
         ]
     )
-    assert len(sweep.stdout.splitlines()) >= 5
+    assert sweep.returncode == 0, sweep.stderr
+    table = sweep.stdout.split("\n\n")[0].splitlines()
+    names = [line.split()[0] for line in table[2:]]
+    assert {"acc", "ray", "acc2"} <= set(names)  # every run below the directory, by name
+    with Image.open(tmp_path / "sweep.png") as img:
+        assert img.format == "PNG" and img.width > 800

@@ -7,24 +7,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resnet18_dist.cli import build_parser, config_from_args
-from resnet18_dist.config import TrainConfig, option_fields
+from resnet18_dist.cli import build_parser, parse_options
+from resnet18_dist.config import TrainConfig
 
-from .conftest import REPO
-
-TRAIN = str(REPO / "launch" / "train.py")
+from .conftest import launch
 
 
 def _run(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout
-    )
+    return launch("train", *args, timeout=timeout)
 
 
 def test_help_documents_every_option() -> None:
     proc = _run("--help")
     assert proc.returncode == 0
-    for _, f in option_fields():
+    for _, f, _ in TrainConfig.option_fields():
         flag = "--" + f.name.replace("_", "-")
         assert flag in proc.stdout, flag
     assert "--config" in proc.stdout and "(default: 0.1)" in proc.stdout
@@ -54,8 +50,8 @@ def test_invalid_options_exit_2_naming_the_option(args: list[str], option: str) 
 def test_yaml_config_with_flag_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"optim": {"lr": "1e-3", "epochs": 3}, "run": {"seed": 5}}))
-    parser = build_parser("test")
-    cfg = config_from_args(parser, ["--config", str(path), "--epochs", "4"])
+    parser = build_parser(TrainConfig, "test")
+    cfg = parse_options(TrainConfig, parser, ["--config", str(path), "--epochs", "4"])
     assert cfg.optim.lr == 1e-3  # PyYAML reads 1e-3 as a string; it is coerced
     assert cfg.optim.epochs == 4  # the flag wins
     assert cfg.run.seed == 5
@@ -66,7 +62,7 @@ def test_yaml_config_with_flag_overrides(tmp_path: Path) -> None:
 
 
 def test_yaml_errors_name_the_section_or_option(tmp_path: Path, capsys) -> None:
-    parser = build_parser("test")
+    parser = build_parser(TrainConfig, "test")
     bad = tmp_path / "bad.yaml"
     for content, needle in (
         ({"optim": {"lrr": 0.1}}, "lrr"),
@@ -76,7 +72,7 @@ def test_yaml_errors_name_the_section_or_option(tmp_path: Path, capsys) -> None:
     ):
         bad.write_text(yaml.safe_dump(content))
         with pytest.raises(SystemExit) as exc:
-            config_from_args(parser, ["--config", str(bad)])
+            parse_options(TrainConfig, parser, ["--config", str(bad)])
         assert exc.value.code == 2
         assert needle in capsys.readouterr().err
 
@@ -88,3 +84,51 @@ def test_more_workers_than_cpus_exits_2_before_workers_start(tmp_path: Path) -> 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--num-workers" in proc.stderr and "64 workers" in proc.stderr
     assert not any(tmp_path.iterdir())  # no run directory: no worker ever started
+
+
+def test_yaml_booleans_are_accepted_for_on_off_options(tmp_path: Path) -> None:
+    """Defect 7: YAML reads an unquoted `off` as false; the on/off/auto options take it."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "run:\n  use_gpu: off\n  channels_last: on\n  amp: off\ndata:\n  verify_shards: no\n"
+    )
+    cfg = parse_options(TrainConfig, build_parser(TrainConfig, "test"), ["--config", str(path)])
+    assert cfg.run.use_gpu == "off" and cfg.run.channels_last == "on" and cfg.run.amp == "off"
+    assert cfg.data.verify_shards == "off"
+
+
+def test_ray_train_v1_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    """Defect 11: Ray Train V1 (RAY_TRAIN_V2_ENABLED=0) has no result.return_value; the
+    launcher needs V2 and says so at once instead of failing after training."""
+    import os
+
+    proc = launch(
+        "train",
+        "--output-dir",
+        str(tmp_path),
+        "--wandb-mode",
+        "disabled",
+        timeout=180,
+        env={**os.environ, "RAY_TRAIN_V2_ENABLED": "0"},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "RAY_TRAIN_V2_ENABLED" in proc.stderr and "V2" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_console_command_offers_every_subcommand() -> None:
+    """`pip install -e .` installs `resnet18-dist`; its subcommands take the launchers' options."""
+    exe = Path(sys.executable).with_name("resnet18-dist")
+    assert exe.is_file(), "the console script is missing: pip install -e ."
+    proc = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: resnet18-dist train")
+    for _, f, _ in TrainConfig.option_fields():
+        assert "--" + f.name.replace("_", "-") in proc.stdout
+    for command, needle in (("prepare", "--shard-size"), ("export", "--calibration-images")):
+        proc = subprocess.run([exe, command, "--help"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and needle in proc.stdout, proc.stderr
+    bad = subprocess.run([exe, "train", "--lr", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--lr" in bad.stderr
+    unknown = subprocess.run([exe, "fly"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "unknown command 'fly'" in unknown.stderr

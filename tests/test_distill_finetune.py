@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from resnet18_dist.checkpoint_file import CheckpointError, best_model_state, load_checkpoint
 from resnet18_dist.config import (
     ConfigError,
     DataConfig,
@@ -18,7 +19,6 @@ from resnet18_dist.config import (
     RunConfig,
     TrainConfig,
 )
-from resnet18_dist.engine.checkpoint import CheckpointError, best_model_state, load_checkpoint
 from resnet18_dist.engine.optim import build_optimizer
 from resnet18_dist.engine.reporting import LocalReporter
 from resnet18_dist.engine.runtime import TorchRuntime
@@ -55,10 +55,10 @@ def test_distillation_loss_matches_a_hand_computed_value() -> None:
 
 def test_teacher_gets_no_gradient_and_no_optimizer_state() -> None:
     torch.manual_seed(0)
-    teacher = build_model(ModelSpec(num_classes=10, stem="cifar"))
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    # Handed over as a freshly built model is: train mode, gradients on. Freezing it is the
+    # task's job.
+    teacher = build_model(ModelSpec(num_classes=10, stem="cifar")).train()
+    assert all(p.requires_grad for p in teacher.parameters())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = build_model(ModelSpec(num_classes=10, stem="cifar"))
     opt = build_optimizer(student, OptimConfig())
@@ -73,7 +73,9 @@ def test_teacher_gets_no_gradient_and_no_optimizer_state() -> None:
     teacher_ids = {id(p) for p in teacher.parameters()}
     assert not teacher_ids & {id(p) for g in opt.param_groups for p in g["params"]}
     assert not teacher_ids & {id(p) for p in opt.state}
-    assert not teacher.training  # BN statistics of the teacher did not move either
+    assert task.teacher is teacher and not teacher.training
+    # BN statistics of the teacher did not move either (a train-mode forward would move them).
+    assert before["bn1.running_mean"].abs().sum() == 0  # fresh: zeros, so a move would show
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
 

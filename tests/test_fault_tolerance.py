@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from resnet18_dist.engine.checkpoint import load_checkpoint
+from resnet18_dist.checkpoint_file import load_checkpoint
 
 from .conftest import REPO
 

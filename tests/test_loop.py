@@ -1,23 +1,20 @@
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from resnet18_dist.atomic import WriteError
+from resnet18_dist.checkpoint_file import CheckpointError, load_checkpoint, write_checkpoint
 from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
-from resnet18_dist.engine import checkpoint as ckpt_mod
 from resnet18_dist.engine import loop as loop_mod
 from resnet18_dist.engine.callbacks import Callback
-from resnet18_dist.engine.checkpoint import (
-    CheckpointError,
-    check_compatible,
-    load_checkpoint,
-    save_checkpoint,
-)
+from resnet18_dist.engine.checkpoint import check_compatible
 from resnet18_dist.engine.reporting import LocalReporter
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.engine.session import run_training
@@ -34,6 +31,10 @@ def _cfg(data: Path, **optim) -> TrainConfig:
 
 def _train(cfg: TrainConfig, run_dir: Path, **kw) -> dict:
     return run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir, keep=5), run_dir, **kw)
+
+
+def _logged_epochs(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
 
 
 class Payload:
@@ -59,6 +60,9 @@ def test_resume_gives_the_same_weights_as_a_straight_run(
     ]
     report = _train(cfg, tmp_path / "resumed", resume_from=tmp_path / "split")
     assert report["epochs_run"] == 2
+    # It really resumed: only epoch 2 was trained (and logged, and checkpointed) here.
+    assert _logged_epochs(tmp_path / "resumed") == [1]
+    assert [p.name for p in (tmp_path / "resumed").glob("checkpoint_*")] == ["checkpoint_epoch0002"]
     a = load_checkpoint(tmp_path / "straight" / "checkpoint_epoch0002")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoint_epoch0002")
     assert a["model"].keys() == b["model"].keys()
@@ -99,18 +103,27 @@ def test_run_directory_and_checkpoint_contents(small_digits: Path, tmp_path: Pat
     assert not any(k.startswith("module.") for k in state["model"])  # unwrapped model
 
 
+@contextlib.contextmanager
+def _frozen_training() -> Iterator[None]:
+    """Training steps in eval mode: with a vanishing lr nothing changes, so validation top-1
+    stays put and early stopping is what ends the run."""
+    original = loop_mod.fit
+
+    def fit_frozen(setup, *args, **kwargs):
+        setup.set_train_mode = lambda m: m.eval()
+        return original(setup, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("resnet18_dist.engine.session.fit", fit_frozen)
+        yield
+
+
 def test_early_stopping_stops_after_patience_epochs(small_digits: Path, tmp_path: Path) -> None:
     # Eval-mode "training" with a vanishing lr: the validation top-1 cannot change, so only
     # the first epoch counts as an improvement.
     cfg = _cfg(small_digits, epochs=6, lr=1e-30, min_lr=0.0, patience=2)
     cfg.run.keep_checkpoints = 10
-    original = loop_mod.fit
-
-    def fit_frozen(*args, **kwargs):
-        return original(*args, **{**kwargs, "set_train_mode": lambda m: m.eval()})
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("resnet18_dist.engine.session.fit", fit_frozen)
+    with _frozen_training():
         report = _train(cfg, tmp_path)
     assert report["stopped_early"] is True
     assert report["epochs_run"] == 3 and report["best_epoch"] == 0
@@ -146,17 +159,17 @@ def test_corrupt_and_code_carrying_checkpoints_are_refused(tmp_path: Path) -> No
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    save_checkpoint({"model": {"w": torch.ones(3)}, "model_spec": {}}, tmp_path)
+    write_checkpoint({"model": {"w": torch.ones(3)}, "model_spec": {}}, tmp_path)
     real_save = torch.save
 
     def disk_full(obj, fh, *a, **k):
         fh.write(b"partial bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", disk_full)
+    monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(WriteError, match="checkpoint.pt: no space left"):
-        save_checkpoint({"model": {"w": torch.zeros(3)}, "model_spec": {}}, tmp_path)
-    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+        write_checkpoint({"model": {"w": torch.zeros(3)}, "model_spec": {}}, tmp_path)
+    monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
     assert torch.equal(load_checkpoint(tmp_path)["model"]["w"], torch.ones(3))
 
@@ -164,7 +177,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) 
 def test_a_half_copied_newest_checkpoint_is_skipped_on_resume(tmp_path: Path, caplog) -> None:
     """Ray persists checkpoints by copying in place; a kill mid-copy truncates the newest."""
     for epoch in (1, 2):
-        save_checkpoint(
+        write_checkpoint(
             {"model": {"w": torch.full((3,), float(epoch))}, "model_spec": {}},
             tmp_path / f"checkpoint_epoch{epoch:04d}",
         )
@@ -183,3 +196,83 @@ def test_a_half_copied_newest_checkpoint_is_skipped_on_resume(tmp_path: Path, ca
     (tmp_path / "checkpoint_epoch0001" / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no checkpoint.pt"):
         load_checkpoint(tmp_path)
+
+
+def _train_two_ranks_recording_eval_buffers(rank: int, world: int, data: str, out: str) -> None:
+    """One rank of a 2-rank gloo run that records its BatchNorm buffers at every evaluation."""
+    records = []
+    real = loop_mod.evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        records.append({k: v.clone() for k, v in model.named_buffers()})
+        return real(model, *args, **kwargs)
+
+    loop_mod.evaluate = recording_evaluate
+    import resnet18_dist.engine.session as session_mod
+
+    session_mod.evaluate = recording_evaluate
+    cfg = _cfg(Path(data), epochs=2)
+    runtime = TorchRuntime(cfg.run)
+    run_dir = Path(out) / "run"
+    run_training(cfg, runtime, LocalReporter(run_dir, is_main=runtime.is_main), run_dir)
+    torch.save(records, Path(out) / f"buffers{rank}.pt")
+
+
+def test_every_rank_evaluates_with_the_same_batchnorm_statistics(
+    small_digits: Path, tmp_path: Path
+) -> None:
+    """Defect 3: after training, each rank's BatchNorm running statistics include its own last
+    batch (DDP broadcasts rank 0's buffers only at the start of a training forward), so the
+    ranks evaluated slightly different models."""
+    from .conftest import run_ranks
+
+    run_ranks(_train_two_ranks_recording_eval_buffers, 2, str(small_digits), str(tmp_path))
+    a = torch.load(tmp_path / "buffers0.pt", weights_only=True)
+    b = torch.load(tmp_path / "buffers1.pt", weights_only=True)
+    assert len(a) == len(b) == 3  # validation after each of 2 epochs, then the test split
+    for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
+        for k in ra:
+            assert torch.equal(ra[k], rb[k]), (i, k)
+    saved = load_checkpoint(tmp_path / "run")["model"]
+    assert torch.equal(saved["bn1.running_mean"], a[1]["bn1.running_mean"])
+
+
+def test_lr_schedule_keeps_its_place_when_steps_per_epoch_change(
+    small_digits: Path, tmp_path: Path
+) -> None:
+    """Defect 4: the schedule's position was a step count, so resuming with another batch size
+    or worker count (e.g. 2 Ray workers, then 1 accelerate process) jumped the lr. It is kept in
+    epochs: a resumed run follows the same lr as a straight run with the new settings."""
+    cfg = _cfg(small_digits, epochs=3)
+    cfg.data.batch_size = 48  # 240 images: 5 steps per epoch
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, tmp_path / "first", extra_callbacks=[_KillAfterFirstCheckpoint()])
+    cfg.data.batch_size = 16  # 15 steps per epoch from here on
+    _train(cfg, tmp_path / "resumed", resume_from=tmp_path / "first")
+    _train(cfg, tmp_path / "straight")
+    resumed = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").open()]
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").open()]
+    assert [e["epoch"] for e in resumed] == [1, 2]
+    for r, s in zip(resumed, straight[1:], strict=True):
+        assert r["lr"] == pytest.approx(s["lr"], rel=1e-9), (r["epoch"], r["lr"], s["lr"])
+        assert r["step"] == s["step"]
+
+
+def test_a_run_that_stopped_early_continues_with_more_epochs(
+    small_digits: Path, tmp_path: Path, caplog
+) -> None:
+    """Defect 9: `stopped_early` was restored on resume, so a larger --epochs trained nothing
+    and said nothing. Resuming continues, with patience restarted, and says so."""
+    cfg = _cfg(small_digits, epochs=6, lr=1e-30, min_lr=0.0, patience=2)
+    cfg.run.keep_checkpoints = 10
+    with _frozen_training():
+        first = _train(cfg, tmp_path / "a")
+        assert first["stopped_early"] and first["epochs_run"] == 3
+        cfg.optim.epochs = 8
+        with caplog.at_level("INFO", logger="resnet18_dist"):
+            second = _train(cfg, tmp_path / "b", resume_from=tmp_path / "a")
+    assert "patience restarts" in caplog.text
+    # Patience 2 again from epoch 4: nothing improves, so it stops after epochs 4 and 5.
+    assert second["epochs_run"] == 5 and second["stopped_early"]
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "b" / "metrics.jsonl").open()]
+    assert epochs == [3, 4]

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from sklearn.metrics import confusion_matrix, f1_score
 
 from resnet18_dist.config import RunConfig
@@ -18,6 +15,8 @@ from resnet18_dist.engine.loop import evaluate
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.metrics import ClassificationMetrics
 from resnet18_dist.models import ModelSpec, build_model
+
+from .conftest import cpu_settings, run_ranks
 
 SPEC = ModelSpec(num_classes=10, stem="cifar")
 
@@ -45,43 +44,25 @@ def test_metrics_match_sklearn_on_fixed_logits() -> None:
     assert out["loss"] == pytest.approx(loss, rel=1e-5)
 
 
-def _eval(rank: int, world: int, data: str, weights: str, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+def _eval(rank: int, world: int, data: str, weights: str, out: str) -> None:
     runtime = TorchRuntime(RunConfig())
     manifest = Manifest.load(data)
     model = build_model(SPEC)
     model.load_state_dict(torch.load(weights, weights_only=True))
     # The 1,077-image training split as an evaluation set: it does not divide by 2, so the
-    # ranks see 539 and 538 images (and a different number of batches of 64).
-    loader = TorchvisionLoader(
-        ShardDataset(manifest, "train", eval_transform(DataPolicy(8, "none"))),
-        train=False,
-        batch_size=64,
-        rank=rank,
-        world_size=world,
-        seed=0,
-        workers=0,
-        device=torch.device("cpu"),
-        channels_last=False,
-    )
+    # ranks see 539 and 538 images; at batch 269 that is 3 batches (269, 269, 1) against 2, so
+    # the short rank ends on an empty batch and still joins every collective.
+    settings = cpu_settings(EVAL_BATCH, rank=rank, world=world)
+    dataset = ShardDataset(manifest, "train", eval_transform(DataPolicy(8, "none")))
+    loader = TorchvisionLoader(dataset, settings, train=False)
+    batch_sizes = [len(labels) for _, labels in loader]
     result = evaluate(model, loader, runtime, 10)
     result["rank_samples"] = loader.num_samples
-    if rank == 0:
-        torch.save(result, out)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    result["batch_sizes"] = batch_sizes
+    torch.save(result, f"{out}.rank{rank}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+EVAL_BATCH = 269
 
 
 def test_two_rank_metrics_equal_one_rank_metrics(digits_dataset: Path, tmp_path: Path) -> None:
@@ -100,25 +81,40 @@ def test_two_rank_metrics_equal_one_rank_metrics(digits_dataset: Path, tmp_path:
     torch.save(model.state_dict(), weights)
 
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    ctx = mp.get_context("spawn")
     for world, out in ((1, one), (2, two)):
-        port = _free_port()
-        procs = [
-            ctx.Process(
-                target=_eval, args=(r, world, str(digits_dataset), str(weights), port, str(out))
-            )
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=300)
-            assert p.exitcode == 0
-    a = torch.load(one, weights_only=True)
-    b = torch.load(two, weights_only=True)
-    assert a["samples"] == b["samples"] == 1077
-    assert b["rank_samples"] == 539  # rank 0's share; rank 1 had 538
+        run_ranks(_eval, world, str(digits_dataset), str(weights), str(out))
+    a = torch.load(f"{one}.rank0", weights_only=True)
+    b = torch.load(f"{two}.rank0", weights_only=True)
+    b1 = torch.load(f"{two}.rank1", weights_only=True)
+    assert a["samples"] == b["samples"] == b1["samples"] == 1077
+    assert b["rank_samples"] == 539 and b1["rank_samples"] == 538
+    assert b["batch_sizes"] == [269, 269, 1] and b1["batch_sizes"] == [269, 269, 0]
     assert len(set(np.array(a["confusion"]).argmax(1))) > 1  # a non-trivial model
     for key in ("top1", "top5", "f1_macro", "per_class_acc", "confusion"):
-        assert a[key] == b[key], key
+        assert a[key] == b[key] == b1[key], key  # every rank reports the whole split
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_evaluation_updates_do_not_synchronise_with_the_host(monkeypatch) -> None:
+    """Defect 12: torchmetrics' argument validation calls torch.unique on every update, and its
+    counting uses torch.bincount, which on CUDA reads the input's maximum back to the host.
+    Metric updates must stay on the device; only compute() may synchronise."""
+    calls: list[str] = []
+    for name in ("unique", "bincount"):
+        real = getattr(torch, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(torch, name, spy)
+    gen = torch.Generator().manual_seed(1)
+    m = ClassificationMetrics(10, torch.device("cpu"))
+    for _ in range(3):
+        logits, labels = (
+            torch.randn(32, 10, generator=gen),
+            torch.randint(0, 10, (32,), generator=gen),
+        )
+        m.update(logits, labels, torch.nn.functional.cross_entropy(logits, labels))
+    assert calls == []
+    assert m.compute()["samples"] == 96

@@ -106,6 +106,13 @@ def test_dropout_is_active_in_training_and_off_in_eval() -> None:
     torch.testing.assert_close(model.dropout(feats), feats)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(model(x), model(x))  # deterministic in eval
+    # Through the whole model: two training forwards of the same batch differ (only dropout is
+    # random; train-mode BatchNorm uses the batch's own statistics both times) ...
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    # ... and without dropout they are equal, so the difference above is dropout's.
+    plain = build_model(ModelSpec(num_classes=10, stem="cifar", dropout=0.0)).train()
+    torch.testing.assert_close(plain(x), plain(x))
 
 
 def test_invalid_specs_are_rejected() -> None:

@@ -66,13 +66,11 @@ def test_preparation_is_deterministic_for_a_seed(digits_folder: Path, tmp_path: 
 
 def test_bad_files_are_rejected_and_listed(digits_folder: Path, tmp_path: Path) -> None:
     src = subset_folder(digits_folder, tmp_path / "src", per_class=10)
-    good = next((src / "3").iterdir()).read_bytes()
     big = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(big)
     (src / "3" / "truncated.jpg").write_bytes(big.read_bytes()[: len(big.read_bytes()) // 2])
     (src / "4" / "empty.jpg").write_bytes(b"")
     (src / "5" / "notes.jpg").write_text("this is a text file, not a JPEG\n")
-    assert len(good) > 0
     result = _prepare(src, tmp_path / "out")
     rejected = {Path(r["path"]).name: r["reason"] for r in result.rejects}
     assert set(rejected) == {"truncated.jpg", "empty.jpg", "notes.jpg"}
@@ -213,3 +211,88 @@ def test_cifar10_jpegs_split_30k_10k_10k(cifar_train_dir: Path, tmp_path: Path) 
     for split, per_class in (("train", 3000), ("val", 1000), ("test", 1000)):
         assert m.class_counts[split] == [per_class] * 10
     assert result.rejects == []
+
+
+def _oriented_jpeg(path: Path, orientation: int = 6) -> None:
+    """A 32x16 JPEG (left half red, right half blue) tagged with an EXIF orientation: as a phone
+    stores a photo taken in portrait, which viewers turn 90 degrees (Orientation=6)."""
+    img = np.zeros((16, 32, 3), np.uint8)
+    img[:, :16] = (220, 20, 20)
+    img[:, 16:] = (20, 20, 220)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(img).save(path, quality=95, subsampling=0, exif=exif)
+
+
+def test_exif_orientation_is_applied_at_preparation(tmp_path: Path) -> None:
+    """Defect 1: every decoder must see the same, upright image. PIL ignores the EXIF tag,
+    DALI's decoder applies it; preparation stores the image upright with no tag left."""
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(5):
+            _oriented_jpeg(tmp_path / "src" / c / f"{i}.jpg")
+    _prepare(tmp_path / "src", tmp_path / "out")
+    m = Manifest.load(tmp_path / "out")
+    assert m.max_side == 32 and m.native_size is None  # 16 wide, 32 high
+    with tarfile.open(m.shard_paths("train")[0]) as tar:
+        member = next(x for x in tar.getmembers() if x.name.endswith(".jpg"))
+        with Image.open(tar.extractfile(member)) as img:
+            img.load()
+            assert img.size == (16, 32)  # upright, as DALI and every viewer show it
+            assert img.getexif().get(0x0112, 1) == 1  # no rotation left for a decoder to apply
+            top, bottom = np.asarray(img)[2, 8], np.asarray(img)[29, 8]
+    # Orientation 6 turns the image clockwise: the left (red) half ends up on top.
+    assert top[0] > 150 and top[2] < 100 and bottom[2] > 150 and bottom[0] < 100
+
+
+def test_outputs_honour_the_umask(digits_folder: Path, tmp_path: Path) -> None:
+    """Defect 5: a dataset or export is often read by another user (a shared disk, a serving
+    process); mkstemp's 0600 and mkdtemp's 0700 made every output owner-only."""
+    src = subset_folder(digits_folder, tmp_path / "src", per_class=5)
+    old = os.umask(0o022)
+    try:
+        _prepare(src, tmp_path / "out")
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert (out.stat().st_mode & 0o777) == 0o755
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+class _Boom:
+    """Unpickling this runs code: it touches a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_cifar_batches_are_unpickled_with_a_restricted_unpickler(
+    digits_folder: Path, tmp_path: Path
+) -> None:
+    """Defect 6: any --source with a batches.meta was unpickled, so a dataset could run code."""
+    root = _write_cifar_batches(tmp_path / "src", digits_folder)
+    marker = tmp_path / "pwned"
+    with open(root / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [str(i) for i in range(10)], b"x": _Boom(str(marker))}, fh)
+    with pytest.raises(SourceError, match=r"batches.meta.*not allowed"):
+        _prepare(tmp_path / "src", tmp_path / "out")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_cifar_batches_pickled_by_python2_numpy_still_load(
+    digits_folder: Path, tmp_path: Path
+) -> None:
+    """The real CIFAR-10 files are protocol-2 pickles of numpy arrays; they must still load."""
+    root = _write_cifar_batches(tmp_path / "src", digits_folder)
+    for f in root.iterdir():
+        with open(f, "rb") as fh:
+            obj = pickle.load(fh)
+        with open(f, "wb") as fh:
+            pickle.dump(obj, fh, protocol=2)
+    result = _prepare(tmp_path / "src", tmp_path / "out")
+    assert result.counts == {"train": 375, "val": 125, "test": 100}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, launch, train_args
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -94,15 +94,7 @@ def test_ray_job_submit_trains_digits_with_two_ddp_workers(
             "--",
             "python",
             "launch/train.py",
-            "--num-workers",
-            "2",
-            "--output-dir",
-            str(tmp_path),
-            "--name",
-            "job",
-            "--wandb-mode",
-            "disabled",
-            "--quiet",
+            *train_args(tmp_path, "job", quiet=False),  # the console a user sees
         ],
         env=env,
         capture_output=True,
@@ -115,6 +107,12 @@ def test_ray_job_submit_trains_digits_with_two_ddp_workers(
     # Two DDP workers, one per rank, in one gloo process group.
     assert re.search(r"DDP worker rank 0/2 .* process group gloo", log)
     assert re.search(r"DDP worker rank 1/2 .* process group gloo", log)
+    # A readable console: one line per epoch from rank 0, none of Ray Train's per-rank
+    # `TrainingReport(...)` dicts or checkpoint lines (they come back with --verbose, see
+    # test_dali.py's Ray run).
+    assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
+    for epoch in range(1, 16):
+        assert len(re.findall(rf"epoch {epoch}/15: train loss", log)) == 1, epoch
     # The main job's default epochs reach the digits accuracy bar, and the report is printed.
     assert "test report (360 images" in log
     report = json.loads((tmp_path / "job" / "report.json").read_text())
@@ -123,3 +121,14 @@ def test_ray_job_submit_trains_digits_with_two_ddp_workers(
     assert report["test_samples"] == 360
     checkpoints = sorted(p.name for p in (tmp_path / "job").glob("checkpoint_epoch*"))
     assert len(checkpoints) == 2  # --keep-checkpoints 2: Ray deleted the older ones
+
+    # The README's next step on the main job's run: the export passes its checks (exit 0).
+    export = launch(
+        "export",
+        *("--checkpoint", str(tmp_path / "job"), "--out", str(tmp_path / "export")),
+        *("--latency-iters", "20", "--throughput-seconds", "0.5", "--wandb-mode", "disabled"),
+        timeout=600,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    checks = json.loads((tmp_path / "export" / "report.json").read_text())["checks"]
+    assert checks["int8_ok"] and checks["int8_top1_drop"] <= 1.0

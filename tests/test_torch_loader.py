@@ -1,19 +1,19 @@
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from resnet18_dist.config import ConfigError, DataConfig
-from resnet18_dist.data.loaders import build_loaders, resolve_backend
+from resnet18_dist.config import DataConfig
+from resnet18_dist.data.loaders import build_loaders, loader_settings, resolve_backend
 from resnet18_dist.data.manifest import DatasetError, Manifest
 from resnet18_dist.data.policy import IMAGENET_MEAN, IMAGENET_STD, DataPolicy, resolve_policy
 from resnet18_dist.data.prepare import PrepareOptions, prepare_dataset
 from resnet18_dist.data.torch_loader import ShardDataset, TorchvisionLoader, eval_transform
+from resnet18_dist.options import ConfigError
 
-from .conftest import make_color_folder, red_to_label
+from .conftest import corrupt_sample, cpu_settings, make_color_folder, red_to_label
 
 CPU = torch.device("cpu")
 
@@ -29,17 +29,9 @@ def _loader(
     workers: int = 0,
 ) -> TorchvisionLoader:
     policy = policy or DataPolicy(manifest.native_size or 16, "none")
-    return TorchvisionLoader(
-        ShardDataset(manifest, split, eval_transform(policy)),
-        train=train,
-        batch_size=bs,
-        rank=rank,
-        world_size=world,
-        seed=0,
-        workers=workers,
-        device=CPU,
-        channels_last=False,
-    )
+    settings = cpu_settings(bs, rank=rank, world=world, workers=workers)
+    dataset = ShardDataset(manifest, split, eval_transform(policy))
+    return TorchvisionLoader(dataset, settings, train=train)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +53,13 @@ def test_training_ranks_read_each_sample_once_in_equal_steps(small_digits: Path)
     n = m.counts["train"]
     world = 7
     assert n % world != 0  # uneven parts: 240 images over 7 ranks
-    ranks = [_loader(m, "train", r, world, train=True) for r in range(world)]
+    # 240 = 2 x 35 + 5 x 34: at batch 17 the long parts need 3 batches (17, 17, 1), the short
+    # ones 2, so they must pad with an empty third batch to keep DDP's steps in line.
+    ranks = [_loader(m, "train", r, world, train=True, bs=17) for r in range(world)]
     ids = [_sample_ids(ld) for ld in ranks]
-    assert len({len(ld) for ld in ranks}) == 1  # same number of steps on every rank
+    sizes = [[len(labels) for _, labels in ld] for ld in ranks]
+    assert sorted(map(tuple, sizes)) == [(17, 17, 0)] * 5 + [(17, 17, 1)] * 2
+    assert all(len(ld) == 3 for ld in ranks)
     assert all(set(a).isdisjoint(b) for i, a in enumerate(ids) for b in ids[i + 1 :])
     assert sorted(i for part in ids for i in part) == list(range(n))  # each exactly once
     for ld in ranks:
@@ -99,17 +95,10 @@ def test_batches_have_the_policy_shape_and_normalisation(small_digits: Path) -> 
     cfg = DataConfig(data_dir=str(small_digits), batch_size=8, eval_batch_size=32, augment="none")
     policy = resolve_policy(cfg, m)
     assert policy == DataPolicy(8, "none")  # native 8 px
-    loaders = build_loaders(
-        cfg,
-        m,
-        policy,
-        rank=0,
-        world_size=1,
-        seed=0,
-        device=CPU,
-        channels_last=True,
-        cpus_per_worker=1,
+    settings = loader_settings(
+        cfg, rank=0, world_size=1, seed=0, device=CPU, channels_last=True, cpus_per_worker=1
     )
+    loaders = build_loaders(cfg, m, policy, settings)
     images, labels = next(iter(loaders.train))
     assert images.shape == (8, 3, 8, 8) and images.dtype == torch.float32
     assert images.is_contiguous(memory_format=torch.channels_last)
@@ -130,17 +119,7 @@ def test_auto_policy_by_hint_then_size(small_digits: Path, digits_dataset: Path)
 
 
 def test_a_corrupt_image_in_a_shard_names_shard_and_key(tmp_path: Path, small_digits: Path) -> None:
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(small_digits, data)
-    m = Manifest.load(data)
-    shard = m.shard_paths("val")[0]
-    with tarfile.open(shard) as tar:
-        first = tar.getmembers()[0]
-    raw = bytearray(shard.read_bytes())
-    raw[first.offset_data : first.offset_data + first.size] = b"\x00" * first.size
-    shard.write_bytes(bytes(raw))
+    m, shard, first = corrupt_sample(small_digits, tmp_path / "data", "val", 0, 0)
     loader = _loader(m, "val", 0, 1, train=False)
     with pytest.raises(DatasetError, match=rf"{first.name}.*{shard.name}"):
         for _ in loader:
@@ -151,17 +130,10 @@ def test_too_few_images_for_the_batch_size_is_a_clear_error(small_digits: Path) 
     m = Manifest.load(small_digits)
     cfg = DataConfig(data_dir=str(small_digits), batch_size=200)
     with pytest.raises(DatasetError, match="--batch-size"):
-        build_loaders(
-            cfg,
-            m,
-            DataPolicy(8, "none"),
-            rank=0,
-            world_size=2,
-            seed=0,
-            device=CPU,
-            channels_last=False,
-            cpus_per_worker=1,
+        settings = loader_settings(
+            cfg, rank=0, world_size=2, seed=0, device=CPU, channels_last=False, cpus_per_worker=1
         )
+        build_loaders(cfg, m, DataPolicy(8, "none"), settings)
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:

@@ -7,26 +7,18 @@ JPEG files in ImageFolder layout and prepared like any user dataset, into a cach
 from __future__ import annotations
 
 import fcntl
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from resnet18_dist.data.cache import cache_root
 from resnet18_dist.data.manifest import MANIFEST
 from resnet18_dist.data.prepare import PrepareOptions, PrepareResult, prepare_dataset
 
-CACHE_ENV = "RESNET18_DIST_CACHE"
 DIGITS_VERSION = "digits-v2"  # bump when rendering or preparation changes the bytes
 DIGITS_SOURCE = "digits"  # the --source value, and the manifest's source path
-
-
-def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "resnet18_dist"
 
 
 def render_digits(out: Path) -> Path:
@@ -50,11 +42,14 @@ def prepare_digits(out: Path, quiet: bool = True, **options: object) -> PrepareR
     """Render the digits and prepare them into ``out`` (any PrepareOptions may be given)."""
     with tempfile.TemporaryDirectory(prefix="digits-src-") as tmp:
         src = render_digits(Path(tmp) / "digits")
-        opts = PrepareOptions(source=str(src), out=str(out), quiet=quiet, augment_hint="none")
-        for k, v in options.items():
-            setattr(opts, k, v)
-        opts.__post_init__()
+        settings = {"quiet": quiet, "augment_hint": "none", **options}
+        opts = PrepareOptions(source=str(src), out=str(out), **settings)  # type: ignore[arg-type]
         return prepare_dataset(opts, source_label=DIGITS_SOURCE)
+
+
+def dataset_dir(data_dir: str | None) -> Path:
+    """The prepared dataset a run reads: ``--data-dir``, or the built-in digits by default."""
+    return Path(data_dir) if data_dir else ensure_digits_dataset()
 
 
 def ensure_digits_dataset(cache: Path | None = None, quiet: bool = True) -> Path:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from resnet18_dist.atomic import atomic_write_text
+from resnet18_dist.data.cache import cache_root
 from resnet18_dist.data.manifest import DatasetError, Manifest, parse_index
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,9 @@ def describe_corruption(manifest: Manifest, split: str, shard: int) -> str:
 def verify_split(manifest: Manifest, split: str, mode: str = "auto") -> bool:
     """Check every shard of ``split`` against its manifest sha256; raise naming the bad sample.
 
-    Returns whether the check ran (mode ``auto`` skips splits larger than 8 GiB).
+    Returns whether the check ran (mode ``auto`` skips splits larger than 8 GiB). A shard
+    verified before on this machine is not hashed again while its size, mtime and inode are
+    unchanged (a stamp in the cache directory): restarts and later runs skip the reads.
     """
     shards = manifest.shards[split]
     total = sum(s.bytes for s in shards)
@@ -74,11 +79,38 @@ def verify_split(manifest: Manifest, split: str, mode: str = "auto") -> bool:
                 total / 2**30,
             )
         return False
+    stamp_path = _stamp_path(manifest, split)
+    stamps = _read_stamps(stamp_path)
+    fresh: dict[str, list] = {}
     for i, info in enumerate(shards):
         path = manifest.root / info.path
-        if path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
+        st = path.stat()
+        key = [st.st_size, st.st_mtime_ns, st.st_ino, info.sha256]
+        if stamps.get(info.path) == key:
+            fresh[info.path] = key
+            continue
+        if st.st_size != info.bytes or sha256_file(path) != info.sha256:
             raise DatasetError(
                 describe_corruption(manifest, split, i)
                 + ". Re-prepare the dataset (launch/prepare_data.py)."
             )
+        fresh[info.path] = key
+    if fresh != stamps:
+        try:
+            atomic_write_text(stamp_path, json.dumps(fresh) + "\n")
+        except OSError as exc:  # a read-only cache only costs a re-check next time
+            log.debug("could not record verified shards in %s: %s", stamp_path, exc)
     return True
+
+
+def _stamp_path(manifest: Manifest, split: str) -> Path:
+    where = f"{Path(manifest.root).resolve()}:{split}".encode()
+    return cache_root() / "verified" / f"{hashlib.sha256(where).hexdigest()[:24]}.json"
+
+
+def _read_stamps(path: Path) -> dict[str, list]:
+    try:
+        stamps = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}

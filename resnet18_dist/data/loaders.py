@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from resnet18_dist.config import ConfigError, DataConfig
+from resnet18_dist.data.batching import LoaderSettings
 from resnet18_dist.data.manifest import Manifest
 from resnet18_dist.data.policy import DataPolicy
 from resnet18_dist.data.torch_loader import build_torchvision_loaders, dataset_size_check
@@ -32,6 +33,7 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int) -> None: ...
+    def sample_order(self, epoch: int) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -41,6 +43,7 @@ class Loaders:
     val: Loader
     test: Loader
     backend: str
+    workers: int  # DataLoader worker processes / DALI threads
 
     def close(self) -> None:
         for loader in (self.train, self.val, self.test):
@@ -71,10 +74,8 @@ def default_loader_workers(device: torch.device, cpus_per_worker: int) -> int:
     return 0 if cpus_per_worker <= 2 else min(4, cpus_per_worker // 2)
 
 
-def build_loaders(
+def loader_settings(
     cfg: DataConfig,
-    manifest: Manifest,
-    policy: DataPolicy,
     *,
     rank: int,
     world_size: int,
@@ -82,21 +83,14 @@ def build_loaders(
     device: torch.device,
     channels_last: bool,
     cpus_per_worker: int,
-) -> Loaders:
-    backend = resolve_backend(cfg.data_backend, device)
+    verify_shards: bool = True,
+) -> LoaderSettings:
+    """One rank's settings from the data options; ``verify_shards=False`` skips the shard
+    check on ranks that leave it to another rank of their node."""
     workers = cfg.loader_workers
     if workers < 0:
         workers = default_loader_workers(device, cpus_per_worker)
-    dataset_size_check(manifest, cfg.batch_size, world_size)
-    log.info(
-        "data backend %s (requested %s), %d loader workers, image size %d, augment %s",
-        backend,
-        cfg.data_backend,
-        workers,
-        policy.image_size,
-        policy.augment,
-    )
-    kwargs = dict(
+    return LoaderSettings(
         batch_size=cfg.batch_size,
         eval_batch_size=cfg.eval_batch_size,
         rank=rank,
@@ -105,13 +99,25 @@ def build_loaders(
         workers=workers,
         device=device,
         channels_last=channels_last,
+        verify_shards=cfg.verify_shards if verify_shards else "off",
     )
+
+
+def build_loaders(
+    cfg: DataConfig, manifest: Manifest, policy: DataPolicy, settings: LoaderSettings
+) -> Loaders:
+    backend = resolve_backend(cfg.data_backend, settings.device)
+    dataset_size_check(manifest, settings.batch_size, settings.world_size)
     if backend == "dali":
         from resnet18_dist.data.dali import build_dali_loaders
 
-        loaders = build_dali_loaders(  # type: ignore[arg-type]
-            manifest, policy, verify_shards=cfg.verify_shards, **kwargs
-        )
+        loaders = build_dali_loaders(manifest, policy, settings)
     else:
-        loaders = build_torchvision_loaders(manifest, policy, **kwargs)  # type: ignore[arg-type]
-    return Loaders(loaders["train"], loaders["val"], loaders["test"], backend)
+        loaders = build_torchvision_loaders(manifest, policy, settings)
+    return Loaders(
+        loaders["train"],
+        loaders["val"],
+        loaders["test"],
+        backend,
+        settings.workers,  # type: ignore[arg-type]
+    )

@@ -16,7 +16,7 @@ import os
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ from resnet18_dist.data.sources import (
     download_cifar10,
     open_source,
 )
+from resnet18_dist.options import Options, check, opt
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,31 +54,43 @@ POOL_MIN_ITEMS = 4000
 
 
 @dataclass
-class PrepareOptions:
-    source: str
-    out: str
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    seed: int = 0
-    shard_size: int = 2000  # max samples per shard
-    min_shards: int = 8  # per split, so that up to this many workers read disjoint shards
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    download: bool = False
-    quiet: bool = False
-    augment_hint: str | None = None  # recorded in the manifest for --augment auto
+class PrepareOptions(Options):
+    source: str | None = opt(
+        None,
+        "An ImageFolder directory (root/<class>/<image>), CIFAR-10's cifar-10-batches-py "
+        "directory (or its parent), or `digits` for scikit-learn's bundled digits.",
+        required=True,
+    )
+    out: str | None = opt(None, "Output directory (replaced atomically).", required=True)
+    download: bool = opt(
+        False, "Download CIFAR-10 into --source with torchvision first (needs the internet)."
+    )
+    split: tuple[float, float, float] = opt(
+        (0.6, 0.2, 0.2),
+        "train,val,test fractions. If the source has its own test split it is kept, and the "
+        "rest is divided train:val in the train:val ratio.",
+        gt=0,
+    )
+    seed: int = opt(0, "Split and shuffle seed.")
+    shard_size: int = opt(2000, "Max samples per shard.", ge=1)
+    min_shards: int = opt(
+        8, "Min shards per split (so that up to this many workers read disjoint shards).", ge=1
+    )
+    workers: int | None = opt(None, "Decode processes. Default: all CPUs.", ge=1)
+    quiet: bool = opt(False, "No progress bars.")
+    # Recorded in the manifest for --augment auto (the built-in digits set it); not a flag.
+    augment_hint: str | None = opt(None, "Augmentation policy hint for --augment auto.", cli=False)
 
-    def __post_init__(self) -> None:
-        from resnet18_dist.config import ConfigError
+    def validate(self) -> None:
+        check(
+            math.isclose(sum(self.split), 1.0, abs_tol=1e-6),
+            "split",
+            f"fractions must sum to 1 (got {sum(self.split):.4f})",
+        )
 
-        if len(self.split) != 3 or any(r <= 0 for r in self.split):
-            raise ConfigError("--split", f"needs three positive fractions (got {self.split})")
-        if not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
-            raise ConfigError("--split", f"fractions must sum to 1 (got {sum(self.split):.4f})")
-        if self.shard_size < 1:
-            raise ConfigError("--shard-size", f"must be >= 1 (got {self.shard_size})")
-        if self.min_shards < 1:
-            raise ConfigError("--min-shards", f"must be >= 1 (got {self.min_shards})")
-        if self.workers < 1:
-            raise ConfigError("--workers", f"must be >= 1 (got {self.workers})")
+    @property
+    def processes(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
 
 @dataclass
@@ -210,7 +223,7 @@ def prepare_dataset(opts: PrepareOptions, source_label: str | None = None) -> Pr
     # Pass 1: decode every image once.
     inspections = list(
         _progress(
-            _parallel_map(_inspect, items, source, opts.workers),
+            _parallel_map(_inspect, items, source, opts.processes),
             len(items),
             "validate",
             opts.quiet,
@@ -269,7 +282,7 @@ def prepare_dataset(opts: PrepareOptions, source_label: str | None = None) -> Pr
             order = [good[i] for i in splits[split]]
             n_shards = _num_shards(len(order), opts)
             chunks = np.array_split(np.arange(len(order)), n_shards)
-            payloads = _parallel_map(_jpeg, [items[i] for i in order], source, opts.workers)
+            payloads = _parallel_map(_jpeg, [items[i] for i in order], source, opts.processes)
             bar = tqdm(total=len(order), desc=f"write {split}", unit="img", disable=opts.quiet)
             shard_infos = []
             for s, chunk in enumerate(chunks):

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from resnet18_dist.imaging import BadImage, decode_upright, orientation
 
 JPEG_QUALITY = 95
 CIFAR_DIR = "cifar-10-batches-py"
@@ -50,19 +52,12 @@ def encode_jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _decode(data: bytes, ref: str) -> Image.Image:
-    if not data:
-        raise Reject("empty file (0 bytes)")
+def _decode(data: bytes) -> Image.Image:
+    """Full decode, upright; a truncated or foreign file fails here, not at training time."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # full decode: a truncated file fails here, not at training time
-    except UnidentifiedImageError as exc:
-        raise Reject("not an image PIL can identify") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise Reject(f"cannot decode: {exc}") from exc
-    if img.width < 1 or img.height < 1:
-        raise Reject(f"degenerate size {img.width}x{img.height}")
-    return img
+        return decode_upright(data)
+    except BadImage as exc:
+        raise Reject(str(exc)) from exc
 
 
 class ImageFolderSource:
@@ -96,7 +91,7 @@ class ImageFolderSource:
 
     def inspect(self, item: Item) -> Inspection:
         try:
-            img = _decode(Path(item.ref).read_bytes(), item.ref)
+            img = _decode(Path(item.ref).read_bytes())
         except Reject as exc:
             return Inspection(False, str(exc))
         except OSError as exc:
@@ -105,14 +100,43 @@ class ImageFolderSource:
 
     def jpeg_bytes(self, item: Item) -> bytes:
         data = Path(item.ref).read_bytes()
-        # Keep valid RGB/greyscale JPEGs byte for byte (no generation loss, no decode);
-        # everything else (PNG, CMYK, palette...) is re-encoded so every shard member is a JPEG
-        # that both PIL and DALI's nvJPEG decode.
+        # Keep upright RGB/greyscale JPEGs byte for byte (no generation loss, no decode);
+        # everything else (PNG, CMYK, palette, EXIF-rotated...) is re-encoded upright with no
+        # orientation tag, so every shard member is a JPEG that PIL and DALI decode alike.
         with Image.open(io.BytesIO(data)) as img:
-            if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            if img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1:
                 return data
-            img.load()
-            return encode_jpeg(img)
+        return encode_jpeg(_decode(data))
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR-10's batch files hold: dicts, lists, bytes and numpy arrays.
+
+    A pickle names the callables it runs; a dataset from elsewhere must not be able to name
+    ``os.system``. Python 2 era pickles (the real files) rebuild arrays through
+    ``numpy.core.multiarray._reconstruct``; numpy 2 pickles through ``numpy._core``.
+    """
+
+    ALLOWED: frozenset[tuple[str, str]] = frozenset(
+        {
+            (module, name)
+            for core in ("numpy.core", "numpy._core")
+            for module, name in (
+                (f"{core}.multiarray", "_reconstruct"),
+                (f"{core}.multiarray", "scalar"),
+                (f"{core}.numeric", "_frombuffer"),
+            )
+        }
+        | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"{module}.{name} is not allowed in a CIFAR batch file (only numpy arrays, "
+                "lists, dicts and strings are)"
+            )
+        return super().find_class(module, name)
 
 
 class CifarBatchesSource:
@@ -153,9 +177,11 @@ class CifarBatchesSource:
     def _unpickle(path: Path) -> dict:
         try:
             with open(path, "rb") as fh:
-                raw = pickle.load(fh, encoding="latin1")
+                raw = _CifarUnpickler(fh, encoding="latin1").load()
         except (OSError, pickle.UnpicklingError, EOFError) as exc:
             raise SourceError(f"{path}: cannot read CIFAR batch: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise SourceError(f"{path}: not a CIFAR batch (a {type(raw).__name__}, not a dict)")
         return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
     def items(self) -> list[Item]:

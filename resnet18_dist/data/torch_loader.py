@@ -8,18 +8,16 @@ same number of batches (only the last one may be short).
 
 from __future__ import annotations
 
-import io
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from resnet18_dist.data.batching import LoaderSettings, batches_per_rank, empty_batch
 from resnet18_dist.data.manifest import DatasetError, Manifest, SampleRef, parse_index
 from resnet18_dist.data.policy import (
     IMAGENET_MEAN,
@@ -29,6 +27,7 @@ from resnet18_dist.data.policy import (
     DataPolicy,
     crop_padding,
 )
+from resnet18_dist.imaging import BadImage, decode_upright
 from resnet18_dist.seeding import derive_seed
 
 
@@ -109,9 +108,8 @@ class ShardDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         data, label = self.read(i)
         try:
-            img = Image.open(io.BytesIO(data))
-            img = img.convert("RGB")  # also forces the full decode
-        except Exception as exc:  # PIL raises several types; all mean the same here
+            img = decode_upright(data).convert("RGB")  # upright, as DALI decodes it
+        except BadImage as exc:
             ref = self.refs[i]
             raise DatasetError(
                 f"corrupt image {ref.key}.jpg in shard {self.paths[ref.shard]}: {exc}"
@@ -124,7 +122,7 @@ class EpochPartSampler(Sampler[int]):
 
     torch's DistributedSampler either repeats samples to even the ranks out or drops some;
     here the ranks' parts differ by at most one sample and the loader evens out the batch
-    count instead (see ``TorchvisionLoader.__iter__``). Training parts come from a permutation
+    count instead (see ``data/batching.py``). Training parts come from a permutation
     seeded by (seed, epoch), shared by every rank; evaluation parts are strided, unshuffled.
     """
 
@@ -148,119 +146,79 @@ class EpochPartSampler(Sampler[int]):
 
 
 class TorchvisionLoader:
-    """Batches on the device; the same number of batches on every rank (see module docstring)."""
+    """Batches on the device; the same number of batches on every rank (see data/batching.py)."""
 
     backend = "torchvision"
 
-    def __init__(
-        self,
-        dataset: ShardDataset,
-        *,
-        train: bool,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        workers: int,
-        device: torch.device,
-        channels_last: bool,
-    ) -> None:
+    def __init__(self, dataset: ShardDataset, settings: LoaderSettings, *, train: bool) -> None:
         self.dataset = dataset
-        self.device = device
-        self.channels_last = channels_last
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.seed, self.rank = seed, rank
+        self.settings = settings
+        device = settings.device
+        self.memory_format = (
+            torch.channels_last if settings.channels_last else torch.contiguous_format
+        )
         self.generator = torch.Generator()
-        self.sampler = EpochPartSampler(len(dataset), rank, world_size, seed, shuffle=train)
+        self.sampler = EpochPartSampler(
+            len(dataset), settings.rank, settings.world_size, settings.seed, shuffle=train
+        )
         self.num_samples = len(self.sampler)
-        # The largest part decides how many batches every rank yields.
-        self._batches = math.ceil(math.ceil(len(dataset) / world_size) / batch_size)
+        batch_size = settings.batch_size_for(train)
+        self._batches = batches_per_rank(len(dataset), settings.world_size, batch_size)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=self.sampler,
-            num_workers=workers,
+            num_workers=settings.workers,
             pin_memory=device.type == "cuda",
             drop_last=False,
             generator=self.generator,
             persistent_workers=False,  # fresh workers per epoch pick up the per-epoch seed
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=4 if settings.workers > 0 else None,
         )
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         # Worker augmentation seeds come from this generator: deterministic per (seed, rank, epoch).
-        self.generator.manual_seed(derive_seed(self.seed, self.rank, epoch, 1))
+        self.generator.manual_seed(derive_seed(self.settings.seed, self.settings.rank, epoch, 1))
 
     def __len__(self) -> int:
         return self._batches
 
+    def sample_order(self, epoch: int) -> list[str]:
+        """The sample keys this rank reads in ``epoch``, in order (for shuffle measurements)."""
+        self.sampler.set_epoch(epoch)
+        return [self.dataset.refs[i].key for i in self.sampler]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        nb = self.device.type == "cuda"
+        device = self.settings.device
+        nb = device.type == "cuda"
         produced = 0
         for images, labels in self.loader:
             produced += 1
             yield (
-                images.to(self.device, non_blocking=nb, memory_format=self.memory_format),
-                labels.to(self.device, non_blocking=nb),
+                images.to(device, non_blocking=nb, memory_format=self.memory_format),
+                labels.to(device, non_blocking=nb),
             )
-        # A rank whose part is one sample short may run out a batch early; it still takes part
-        # in the last step (an empty batch), so DDP's collectives line up on every rank.
-        while produced < self._batches:
+        while produced < self._batches:  # this rank's part ran out first (see data/batching.py)
             produced += 1
-            size = self.dataset.image_size
-            yield (
-                torch.empty(0, 3, size, size, device=self.device).to(
-                    memory_format=self.memory_format
-                ),
-                torch.empty(0, dtype=torch.long, device=self.device),
-            )
+            yield empty_batch(self.dataset.image_size, device, self.settings.channels_last)
 
     def close(self) -> None:
         pass
 
 
 def build_torchvision_loaders(
-    manifest: Manifest,
-    policy: DataPolicy,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    workers: int,
-    device: torch.device,
-    channels_last: bool,
+    manifest: Manifest, policy: DataPolicy, settings: LoaderSettings
 ) -> dict[str, TorchvisionLoader]:
-    common = dict(
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        workers=workers,
-        device=device,
-        channels_last=channels_last,
-    )
+    def make(split: str, transform: v2.Transform) -> TorchvisionLoader:
+        dataset = ShardDataset(manifest, split, transform, policy.image_size)
+        return TorchvisionLoader(dataset, settings, train=split == "train")
+
     return {
-        "train": TorchvisionLoader(
-            ShardDataset(manifest, "train", train_transform(policy), policy.image_size),
-            train=True,
-            batch_size=batch_size,
-            **common,  # type: ignore[arg-type]
-        ),
-        "val": TorchvisionLoader(
-            ShardDataset(manifest, "val", eval_transform(policy), policy.image_size),
-            train=False,
-            batch_size=eval_batch_size,
-            **common,  # type: ignore[arg-type]
-        ),
-        "test": TorchvisionLoader(
-            ShardDataset(manifest, "test", eval_transform(policy), policy.image_size),
-            train=False,
-            batch_size=eval_batch_size,
-            **common,  # type: ignore[arg-type]
-        ),
+        "train": make("train", train_transform(policy)),
+        "val": make("val", eval_transform(policy)),
+        "test": make("test", eval_transform(policy)),
     }
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from resnet18_dist.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -73,11 +75,28 @@ def _jsonable(value: Any) -> Any:
 
 
 class JsonlLogger(Callback):
-    """Appends one JSON object per epoch to ``metrics.jsonl`` (flushed each line)."""
+    """One JSON object per epoch in ``metrics.jsonl`` (appended and flushed each epoch).
 
-    def __init__(self, path: Path) -> None:
+    A run that resumes at epoch E first drops the lines of epochs E and later (those of an
+    attempt that died after logging them), so the file holds each epoch exactly once.
+    """
+
+    def __init__(self, path: Path, start_epoch: int = 0) -> None:
         self.path = Path(path)
+        self.start_epoch = start_epoch
         self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("epoch", -1) < self.start_epoch:
+                    kept.append(line)
+            except (ValueError, AttributeError):  # a torn last line of a killed writer
+                continue
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def on_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         record = {k: _jsonable(v) for k, v in metrics.items() if not isinstance(v, (list, dict))}
@@ -85,14 +104,20 @@ class JsonlLogger(Callback):
             fh.write(json.dumps(record) + "\n")
 
 
+def progress_wanted(quiet: bool) -> bool:
+    """Progress bars only where they can redraw: a terminal. In a log (a file, a pipe, Ray's
+    worker output) each redraw would be another broken line; the epoch summary is the log."""
+    return not quiet and sys.stderr.isatty()
+
+
 class ProgressBar(Callback):
-    """Epochs and steps with rates (tqdm). In logs (no TTY) it prints at most every 10 s."""
+    """Steps of the current epoch with rates (tqdm), on a terminal only."""
 
     def __init__(self, epochs: int, enabled: bool = True) -> None:
         self.enabled = enabled
         self.epochs = epochs
         self.bar: tqdm | None = None
-        self.mininterval = 0.1 if sys.stderr.isatty() else 10.0
+        self.mininterval = 0.1
 
     def on_epoch_start(self, epoch: int, steps: int) -> None:
         if self.enabled:

@@ -1,134 +1,222 @@
-"""Checkpoints: self-describing, plain data (``weights_only`` loadable), written atomically.
+"""What a training checkpoint holds, captured and restored in one place (``TrainState``).
 
-One format for every launcher. A checkpoint is a directory holding ``checkpoint.pt`` (the
-layout Ray Train persists), so a run started under accelerate resumes under Ray and back.
+``TrainState.capture`` takes the model, optimizer, scheduler and loop state after an epoch;
+``TrainState.restore_into`` puts them back; ``to_dict`` / ``from_dict`` are the file's layout
+(``checkpoint_file.py`` writes and reads it, versioned). Checkpoints describe themselves: they
+carry the model spec, the class names and the run's config, so a checkpoint for another
+architecture, class count or class list is refused with a clear error.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
-import re
-import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from resnet18_dist.atomic import atomic_write
+from resnet18_dist.checkpoint_file import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    write_checkpoint,
+)
+from resnet18_dist.engine.optim import set_schedule_position
 from resnet18_dist.models import ModelSpec
-
-CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT_VERSION = 1
+from resnet18_dist.seeding import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or for another model; the message names the file."""
+def cpu_copy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
 
-def save_checkpoint(state: dict[str, Any], directory: Path) -> Path:
-    """Write ``directory/checkpoint.pt`` atomically (temp file, fsync, rename)."""
-    path = Path(directory) / CHECKPOINT_FILE
-    atomic_write(path, lambda fh: torch.save(state, fh))
-    return path
+@dataclass
+class LoopState:
+    """The loop's progress: what an exact resume needs besides weights and optimizer."""
+
+    epoch: int = 0  # the next epoch to run
+    global_step: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    best_model: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped_early,
+        }
 
 
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, a checkpoint directory, or a run directory (its latest checkpoint)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if (p / CHECKPOINT_FILE).is_file():
-        return p / CHECKPOINT_FILE
-    if p.is_dir():
-        found = latest_checkpoint_in(p)
-        if found is not None:
-            return found
-        raise CheckpointError(f"{p}: no {CHECKPOINT_FILE} in it or in any checkpoint_* directory")
-    raise CheckpointError(f"{p}: no such checkpoint file or directory")
+@dataclass(frozen=True)
+class RunMeta:
+    """What every checkpoint of a run carries to describe itself."""
+
+    model_spec: dict[str, Any]
+    classes: list[str]
+    config: dict[str, Any]
+    resolved: dict[str, Any]
 
 
-def latest_checkpoint_in(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest epoch among ``run_dir/checkpoint_*/``.
+@dataclass
+class TrainState:
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    loop: LoopState
+    rng: dict[str, Any]
+    meta: RunMeta
+    metrics: dict[str, Any] = field(default_factory=dict)
+    val_per_class_acc: list[float] = field(default_factory=list)
+    path: str | None = None  # the file it was loaded from
 
-    Our own writes are atomic, but Ray Train persists a reported checkpoint by copying it into
-    the run directory in place (``pyarrow.fs.copy_files``): a worker killed mid-copy leaves a
-    truncated file there. Ray never registers it, and neither do we: it is skipped, with a
-    warning, for the newest one that is whole.
-    """
-    found = []
-    for f in Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"):
-        m = re.search(r"epoch(\d+)", f.parent.name)
-        found.append((int(m.group(1)) if m else -1, f.stat().st_mtime, f))
-    for _, _, f in sorted(found, key=lambda t: t[:2], reverse=True):
-        problem = _incomplete(f)
-        if problem is None:
-            return f
-        log.warning("skipping %s: incomplete checkpoint (%s)", f, problem)
-    return None
+    # -- capture / restore: the two ends of a resume
+    @classmethod
+    def capture(
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loop: LoopState,
+        meta: RunMeta,
+        metrics: dict[str, Any] | None = None,
+        val_per_class_acc: list[float] | None = None,
+    ) -> TrainState:
+        """The state after an epoch (``model`` unwrapped), with this process's RNG states."""
+        return cls(
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            loop=loop,
+            rng=rng_state(),
+            meta=meta,
+            metrics={k: v for k, v in (metrics or {}).items() if not isinstance(v, dict)},
+            val_per_class_acc=list(val_per_class_acc or []),
+        )
 
+    def restore_into(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        steps_per_epoch: int,
+        epochs: int,
+    ) -> LoopState:
+        """Weights, optimizer, RNG and loop state back in place; returns the loop state.
 
-def _incomplete(path: Path) -> str | None:
-    """Why ``path`` is not a whole torch.save archive, or None. torch.save writes a zip whose
-    central directory comes last, so any truncation shows here without reading the tensors."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            if not any(n.endswith("/data.pkl") for n in zf.namelist()):
-                return "no data.pkl in the archive"
-    except (zipfile.BadZipFile, OSError) as exc:
-        return f"{exc.__class__.__name__}: {exc}"
-    return None
+        The schedule's shape comes from this run's config (so --epochs may grow on resume);
+        its position is the checkpoint's epoch in this run's steps, so another batch size or
+        worker count continues where a straight run with those settings would be.
+        """
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(self.optimizer)
+        loop = self.loop
+        loop.global_step = loop.epoch * steps_per_epoch
+        set_schedule_position(scheduler, loop.global_step)
+        set_rng_state(self.rng)
+        if loop.stopped_early and epochs > loop.epoch:
+            log.info(
+                "the run stopped early after epoch %d; continuing to epoch %d, patience restarts",
+                loop.epoch,
+                epochs,
+            )
+            loop.stopped_early = False
+            loop.bad_epochs = 0
+        return loop
 
+    # -- the file's layout
+    def to_dict(self) -> dict[str, Any]:
+        loop = self.loop
+        latest_is_best = loop.best_epoch == loop.epoch - 1
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            # Stored only when the best epoch is not the latest (else it equals `model`).
+            "best_model": None if latest_is_best else loop.best_model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "loop": loop.to_dict(),
+            "rng": self.rng,
+            "model_spec": self.meta.model_spec,
+            "classes": self.meta.classes,
+            "config": self.meta.config,
+            "resolved": self.meta.resolved,
+            "metrics": self.metrics,
+            "val_per_class_acc": self.val_per_class_acc,
+        }
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load as data only (``weights_only=True``): a checkpoint can never run code."""
-    p = resolve_checkpoint_path(path)
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(
-            f"{p}: not a readable checkpoint ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from exc
-    if not isinstance(state, dict) or "model" not in state or "model_spec" not in state:
-        raise CheckpointError(f"{p}: not a resnet18-dist checkpoint (no model / model_spec)")
-    state["_path"] = str(p)
-    return state
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainState:
+        try:
+            loop = LoopState(**raw["loop"])
+            loop.best_model = raw.get("best_model")
+            if loop.best_model is None and loop.best_epoch == loop.epoch - 1:
+                loop.best_model = cpu_copy(raw["model"])
+            return cls(
+                model=raw["model"],
+                optimizer=raw["optimizer"],
+                scheduler=raw.get("scheduler", {}),
+                loop=loop,
+                rng=raw["rng"],
+                meta=RunMeta(
+                    model_spec=raw["model_spec"],
+                    classes=list(raw.get("classes") or []),
+                    config=raw.get("config") or {},
+                    resolved=raw.get("resolved") or {},
+                ),
+                metrics=raw.get("metrics") or {},
+                val_per_class_acc=list(raw.get("val_per_class_acc") or []),
+                path=raw.get("_path"),
+            )
+        except (KeyError, TypeError) as exc:
+            where = raw.get("_path", "checkpoint")
+            raise CheckpointError(f"{where}: not a training checkpoint ({exc!r} missing)") from exc
+
+    def save(self, directory: Path) -> Path:
+        return write_checkpoint(self.to_dict(), directory)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainState:
+        """A checkpoint file, checkpoint directory or run directory (its newest checkpoint)."""
+        return cls.from_dict(load_checkpoint(path))
 
 
 def check_compatible(
-    state: dict[str, Any], spec: ModelSpec, classes: list[str] | None = None
+    state: TrainState | dict[str, Any], spec: ModelSpec, classes: list[str] | None = None
 ) -> None:
     """Reject a checkpoint for another architecture, class count or class list."""
-    theirs = ModelSpec.from_dict(state["model_spec"])
-    where = state.get("_path", "checkpoint")
+    if isinstance(state, TrainState):
+        raw_spec, their_classes, where = state.meta.model_spec, state.meta.classes, state.path
+    else:
+        raw_spec, their_classes, where = (
+            state["model_spec"],
+            state.get("classes"),
+            state.get("_path"),
+        )
+    where = where or "checkpoint"
+    theirs = ModelSpec.from_dict(raw_spec)
     if theirs.arch != spec.arch:
         raise CheckpointError(f"{where}: built for {theirs.arch!r}, this run builds {spec.arch!r}")
     if theirs.num_classes != spec.num_classes:
         raise CheckpointError(
             f"{where}: has {theirs.num_classes} classes, the data has {spec.num_classes}"
         )
-    for field in ("se_reduction", "stem"):
-        if getattr(theirs, field) != getattr(spec, field):
+    for name in ("se_reduction", "stem"):
+        if getattr(theirs, name) != getattr(spec, name):
             raise CheckpointError(
-                f"{where}: {field}={getattr(theirs, field)!r}, this run uses "
-                f"{getattr(spec, field)!r} (--{field.replace('_', '-')})"
+                f"{where}: {name}={getattr(theirs, name)!r}, this run uses "
+                f"{getattr(spec, name)!r} (--{name.replace('_', '-')})"
             )
-    if classes is not None and state.get("classes") not in (None, classes):
+    if classes is not None and their_classes not in (None, [], classes):
         raise CheckpointError(
-            f"{where}: class names {state['classes']} differ from the data's {classes}"
+            f"{where}: class names {their_classes} differ from the data's {classes}"
         )
-
-
-def best_model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Weights of the best validation epoch (the current ones when that epoch is the latest)."""
-    return state.get("best_model") or state["model"]
-
-
-def state_bytes(state: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()

@@ -5,10 +5,9 @@ accelerate or W&B; it sees a runtime, a reporter, loaders and a task.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,60 +17,52 @@ from tqdm.auto import tqdm
 
 from resnet18_dist.data.loaders import Loader, Loaders
 from resnet18_dist.engine.callbacks import Callback, CallbackList
+from resnet18_dist.engine.checkpoint import LoopState, RunMeta, TrainState, cpu_copy
 from resnet18_dist.engine.reporting import Reporter
 from resnet18_dist.engine.runtime import TorchRuntime
+from resnet18_dist.engine.tasks import Task
 from resnet18_dist.metrics import ClassificationMetrics, scalars
-from resnet18_dist.seeding import derive_seed, rng_state, seed_everything
+from resnet18_dist.seeding import derive_seed, seed_everything
 
 
 @dataclass
-class LoopState:
-    """Progress that a checkpoint must carry for an exact resume."""
+class TrainingSetup:
+    """What ``fit`` trains: built once per run by the session."""
 
-    epoch: int = 0  # the next epoch to run
-    global_step: int = 0
-    best_top1: float = -1.0
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    stopped_early: bool = False
-    best_model: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "best_top1": self.best_top1,
-            "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs,
-            "stopped_early": self.stopped_early,
-        }
-
-    @classmethod
-    def from_checkpoint(cls, state: dict[str, Any]) -> LoopState:
-        loop = cls(**state["loop"])
-        loop.best_model = state.get("best_model")  # None when the best epoch is the latest
-        if loop.best_model is None and loop.best_epoch == loop.epoch - 1:
-            loop.best_model = _cpu_copy(state["model"])
-        return loop
+    model: nn.Module  # as the runtime wrapped it (DDP, accelerate)
+    unwrapped: nn.Module
+    task: Task
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    # model.train(), except that frozen parts keep BatchNorm in eval (models/finetune.py)
+    set_train_mode: Callable[[nn.Module], None] = lambda m: m.train()
 
 
-def _cpu_copy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+@dataclass(frozen=True)
+class FitOptions:
+    epochs: int
+    patience: int  # 0 = no early stopping
+    seed: int
+    num_classes: int
+    log_every: int = 10
+    show_progress: bool = False
 
 
 def train_one_epoch(
-    model: nn.Module,
-    task: Any,
+    setup: TrainingSetup,
     loader: Loader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     runtime: TorchRuntime,
     state: LoopState,
     callbacks: Callback,
     log_every: int,
-    set_train_mode: Callable[[nn.Module], None],
 ) -> dict[str, float]:
-    set_train_mode(model)
+    model, task, optimizer, scheduler = (
+        setup.model,
+        setup.task,
+        setup.optimizer,
+        setup.scheduler,
+    )
+    setup.set_train_mode(model)
     device = runtime.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -79,7 +70,7 @@ def train_one_epoch(
     start = window_start = time.perf_counter()
     window_seen = 0
     for i, (images, labels) in enumerate(loader):
-        n = labels.shape[0]
+        n = labels.shape[0]  # shape metadata: no host sync
         if n >= 2:
             with runtime.autocast():
                 loss, logits = task.loss(model, images, labels)
@@ -123,7 +114,7 @@ def train_one_epoch(
 
 
 def _tiny_batch_loss(
-    model: nn.Module, task: Any, images: torch.Tensor, labels: torch.Tensor, runtime: TorchRuntime
+    model: nn.Module, task: Task, images: torch.Tensor, labels: torch.Tensor, runtime: TorchRuntime
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The last training batch of an epoch can hold 1 sample, or none on a rank whose part of
     the split was one sample shorter (every sample is read exactly once per epoch). BatchNorm
@@ -146,7 +137,7 @@ def _tiny_batch_loss(
             m.train()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     loader: Loader,
@@ -160,16 +151,9 @@ def evaluate(
     model.eval()
     metrics = ClassificationMetrics(num_classes, runtime.device)
     start = time.perf_counter()
-    batches = tqdm(
-        loader,
-        desc=desc,
-        unit="batch",
-        leave=False,
-        disable=not progress,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
-    )
+    batches = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
     for images, labels in batches:
-        if labels.numel() == 0:  # a rank whose part of the split ended one batch early
+        if labels.shape[0] == 0:  # a rank whose part of the split ended one batch early
             continue
         with runtime.autocast():
             logits = model(images)
@@ -177,7 +161,7 @@ def evaluate(
         metrics.update(logits, labels, F.cross_entropy(logits, labels))
     runtime.synchronize()
     elapsed = time.perf_counter() - start
-    result = metrics.compute()  # collective: gathers every rank's counts
+    result = metrics.compute()  # collective: sums every rank's counts
     # The slowest rank bounds the wall time; every sample is counted once in `samples`.
     t = runtime.all_reduce(torch.tensor([elapsed], device=runtime.device), op="max")
     result["images_per_s"] = result["samples"] / max(float(t[0]), 1e-9)
@@ -186,71 +170,52 @@ def evaluate(
 
 
 def fit(
-    model: nn.Module,
-    task: Any,
+    setup: TrainingSetup,
     loaders: Loaders,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     runtime: TorchRuntime,
     reporter: Reporter,
-    *,
-    epochs: int,
-    patience: int,
-    seed: int,
-    num_classes: int,
-    checkpoint_extra: dict[str, Any],
+    opts: FitOptions,
+    meta: RunMeta,
     state: LoopState | None = None,
     callbacks: Callback | None = None,
-    log_every: int = 10,
-    set_train_mode: Callable[[nn.Module], None] = lambda m: m.train(),
-    show_progress: bool = False,
 ) -> LoopState:
-    """Train from ``state.epoch`` to ``epochs`` with early stopping; report every epoch.
+    """Train from ``state.epoch`` to ``opts.epochs`` with early stopping; report every epoch.
 
-    ``checkpoint_extra`` (config, model spec, class names...) is stored in every checkpoint so
-    that it describes itself.
+    ``meta`` (config, model spec, class names...) goes into every checkpoint so that it
+    describes itself.
     """
     state = state or LoopState()
     callbacks = callbacks or CallbackList()
-    unwrapped = runtime.unwrap(model)
-    while state.epoch < epochs and not state.stopped_early:
+    unwrapped = setup.unwrapped
+    while state.epoch < opts.epochs and not state.stopped_early:
         epoch = state.epoch
         epoch_start = time.perf_counter()
         # Per-rank, per-epoch seeds: a resumed epoch draws the same random numbers as a
         # straight run, whatever happened before it.
-        seed_everything(derive_seed(seed, runtime.rank, epoch))
+        seed_everything(derive_seed(opts.seed, runtime.rank, epoch))
         loaders.train.set_epoch(epoch)
         if runtime.is_main:
             callbacks.on_epoch_start(epoch, len(loaders.train))
-        train = train_one_epoch(
-            model,
-            task,
-            loaders.train,
-            optimizer,
-            scheduler,
-            runtime,
-            state,
-            callbacks,
-            log_every,
-            set_train_mode,
-        )
+        train = train_one_epoch(setup, loaders.train, runtime, state, callbacks, opts.log_every)
+        # One set of BatchNorm statistics for evaluation, the best snapshot and the checkpoint.
+        runtime.broadcast_buffers(unwrapped)
         val = evaluate(
             unwrapped,
             loaders.val,
             runtime,
-            num_classes,
-            progress=show_progress,
+            opts.num_classes,
+            progress=opts.show_progress,
             desc=f"val {epoch + 1}",
         )
 
         improved = val["top1"] > state.best_top1
         if improved:
             state.best_top1, state.best_epoch, state.bad_epochs = val["top1"], epoch, 0
-            state.best_model = _cpu_copy(unwrapped.state_dict())
+            state.best_model = cpu_copy(unwrapped.state_dict())
         else:
             state.bad_epochs += 1
         state.epoch = epoch + 1
-        state.stopped_early = bool(patience) and state.bad_epochs >= patience
+        state.stopped_early = bool(opts.patience) and state.bad_epochs >= opts.patience
 
         peak = runtime.all_reduce(
             torch.tensor([float(runtime.peak_memory_bytes())], device=runtime.device), op="max"
@@ -261,28 +226,28 @@ def fit(
             **train,
             **scalars(val, "val"),
             "val_images_per_s": val["images_per_s"],
-            "lr": optimizer.param_groups[0]["lr"],
+            "val_time_s": val["time_s"],
+            "lr": setup.optimizer.param_groups[0]["lr"],
             "peak_memory_mb": float(peak[0]) / 2**20,
             "best_val_top1": state.best_top1,
             "best_epoch": state.best_epoch,
             "stopped_early": state.stopped_early,
-            "epoch_time_s": time.perf_counter() - epoch_start,
         }
         checkpoint = None
         if runtime.is_main:
-            checkpoint = {
-                **checkpoint_extra,
-                "model": unwrapped.state_dict(),
-                # Stored only when the best epoch is not this one (else it equals `model`).
-                "best_model": None if improved else state.best_model,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "loop": state.to_dict(),
-                "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
-                "val_per_class_acc": val["per_class_acc"],
-                "rng": rng_state(),
-            }
-        saved = reporter.report(metrics, checkpoint)
+            checkpoint = TrainState.capture(
+                unwrapped,
+                setup.optimizer,
+                setup.scheduler,
+                state,
+                meta,
+                metrics,
+                val["per_class_acc"],
+            )
+        handover = time.perf_counter()
+        saved = reporter.report(dict(metrics), checkpoint)
+        metrics["checkpoint_time_s"] = time.perf_counter() - handover
+        metrics["epoch_time_s"] = time.perf_counter() - epoch_start
         if runtime.is_main:
             callbacks.on_epoch(epoch, metrics)
             callbacks.on_checkpoint(saved, metrics)

@@ -93,3 +93,19 @@ def build_scheduler(
         for g in optimizer.param_groups
     ]
     return LambdaLR(optimizer, lr_lambda=factors)  # type: ignore[arg-type]
+
+
+def set_schedule_position(scheduler: LambdaLR, steps: int) -> None:
+    """Put the schedule at ``steps`` steps of this run (a resume), setting every group's lr.
+
+    The position is computed from the resumed epoch and this run's steps per epoch, not taken
+    from the checkpoint's step count, which belongs to the batch size and worker count of the
+    run that wrote it.
+    """
+    scheduler.last_epoch = steps
+    lrs = [
+        base * f(steps) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports

@@ -1,13 +1,16 @@
 """The runtime: what the training loop knows about processes, devices and collectives.
 
-``TorchRuntime`` covers a plain process and torchrun-style environments; the Ray Train and
-accelerate adapters subclass it and change only how the device is chosen and the model wrapped.
+``TorchRuntime`` is constructed with its rank, world size and device; ``TorchRuntime(run)``
+alone reads them from the environment (a plain process, or torchrun's variables). The Ray Train
+and accelerate adapters pass what their frameworks decided and change only how the model is
+wrapped and the backward run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 
 import torch
@@ -16,6 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet18_dist.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 
 def resolve_amp(mode: str, device: torch.device) -> bool:
@@ -35,36 +40,61 @@ def resolve_channels_last(mode: str, device: torch.device) -> bool:
     return device.type == "cuda"  # NHWC convolutions are the fast path for cuDNN tensor cores
 
 
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pick_device(run: RunConfig, local_rank: int) -> torch.device:
+    want_gpu = run.use_gpu == "on" or (run.use_gpu == "auto" and torch.cuda.is_available())
+    if want_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("--use-gpu on, but CUDA is not available in this process")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 class TorchRuntime:
-    """A single process, or one rank of a ``torch.distributed`` job (torchrun's env variables)."""
+    """A single process, or one rank of a ``torch.distributed`` job."""
 
     name = "torch"
 
-    def __init__(self, run: RunConfig, device: torch.device | None = None) -> None:
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = device if device is not None else self._pick_device(run)
+    def __init__(
+        self,
+        run: RunConfig,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        local_rank: int | None = None,
+        local_world_size: int | None = None,
+        device: torch.device | None = None,
+        threads: int | None = None,
+    ) -> None:
+        env = os.environ
+        self.rank = int(env.get("RANK", 0)) if rank is None else rank
+        self.world_size = int(env.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        self.local_rank = int(env.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+        self.local_world_size = (
+            int(env.get("LOCAL_WORLD_SIZE", self.world_size))
+            if local_world_size is None
+            else local_world_size
+        )
+        self.device = device if device is not None else pick_device(run, self.local_rank)
         if self.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        self._configure(run)
-
-    def _pick_device(self, run: RunConfig) -> torch.device:
-        want_gpu = run.use_gpu == "on" or (run.use_gpu == "auto" and torch.cuda.is_available())
-        if want_gpu:
-            if not torch.cuda.is_available():
-                raise RuntimeError("--use-gpu on, but CUDA is not available in this process")
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
-
-    def _configure(self, run: RunConfig) -> None:
         self.amp = resolve_amp(run.amp, self.device)
         self.channels_last = resolve_channels_last(run.channels_last, self.device)
+        # CPUs this rank may use: those reserved for it where a scheduler reserves them (Ray
+        # passes `threads`), else this machine's cores shared among its local ranks.
+        if threads is None:
+            threads = run.cpus_per_worker or max(1, available_cpus() // self.local_world_size)
+        self.cpus = threads
         if self.device.type == "cpu":
-            # One intra-op thread per reserved core; more only oversubscribes the co-located ranks.
-            torch.set_num_threads(max(1, run.cpus_per_worker))
+            torch.set_num_threads(threads)  # more only oversubscribes co-located ranks
         else:
             torch.backends.cudnn.benchmark = True
 
@@ -90,8 +120,7 @@ class TorchRuntime:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    @staticmethod
-    def unwrap(model: nn.Module) -> nn.Module:
+    def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -105,6 +134,27 @@ class TorchRuntime:
             ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
             dist.all_reduce(tensor, op=ops[op])
         return tensor
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+        DDP broadcasts them only at the start of a training forward, so after an epoch each
+        rank's statistics include its own last batch; evaluation, the best-weights snapshot
+        and the saved model must all use one set.
+        """
+        if not self.distributed:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in model.buffers():
+            if b.numel():
+                by_dtype.setdefault(b.dtype, []).append(b)
+        for buffers in by_dtype.values():  # one collective per dtype, not one per buffer
+            flat = torch._utils._flatten_dense_tensors(buffers)
+            dist.broadcast(flat, src=0)
+            for b, synced in zip(
+                buffers, torch._utils._unflatten_dense_tensors(flat, buffers), strict=True
+            ):
+                b.copy_(synced)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -123,7 +173,11 @@ class TorchRuntime:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
     def describe(self) -> str:
-        return f"{self.name} rank {self.rank}/{self.world_size} on {self.device}"
+        backend = dist.get_backend() if dist.is_initialized() else "none"
+        return (
+            f"DDP worker rank {self.rank}/{self.world_size} (local rank {self.local_rank}) on "
+            f"{self.device}, process group {backend}, {self.name}, host {os.uname().nodename}"
+        )
 
     def shutdown(self) -> None:
-        """Tear down a process group this runtime created (launchers own theirs)."""
+        """Tear down what this runtime set up (launchers own their process groups)."""

@@ -1,7 +1,10 @@
 """One training run, from config to test report; every launcher calls ``run_training``.
 
-setup (data, model, optimizer, resume) -> ``loop.fit`` -> test split with the best weights ->
-``report.json``. The launcher supplies the runtime (process / Ray Train / accelerate), the
+The phases, in order: ``build_data`` (manifest, policy, loaders; shards verified once per node)
+-> ``build_setup`` (model, optimizer, schedule, task) -> ``restore`` (a checkpoint, if resuming)
+-> ``open_run`` (the run directory's header files and the rank-0 callbacks) -> ``fit`` ->
+``evaluate_best`` (the test split with the best-validation weights) -> ``publish`` (``model.pt``,
+``report.json``). The launcher supplies the runtime (process / Ray Train / accelerate), the
 reporter (run directory / Ray Train) and any extra rank-0 callbacks (W&B).
 """
 
@@ -12,6 +15,7 @@ import logging
 import platform
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,45 +23,282 @@ import torch
 
 from resnet18_dist import __version__
 from resnet18_dist.atomic import atomic_write_text
-from resnet18_dist.config import TrainConfig
-from resnet18_dist.data.digits import ensure_digits_dataset
-from resnet18_dist.data.loaders import build_loaders
-from resnet18_dist.data.manifest import Manifest
-from resnet18_dist.data.policy import IMAGENET_MEAN, IMAGENET_STD, resolve_policy
+from resnet18_dist.config import RESUME_THIS_RUN, TrainConfig
+from resnet18_dist.data.digits import dataset_dir
+from resnet18_dist.data.loaders import Loaders, build_loaders, loader_settings
+from resnet18_dist.data.manifest import DatasetError, Manifest
+from resnet18_dist.data.policy import IMAGENET_MEAN, IMAGENET_STD, DataPolicy, resolve_policy
 from resnet18_dist.engine.callbacks import (
     Callback,
     CallbackList,
     ConsoleSummary,
     JsonlLogger,
     ProgressBar,
+    progress_wanted,
 )
-from resnet18_dist.engine.checkpoint import check_compatible, load_checkpoint
-from resnet18_dist.engine.loop import LoopState, evaluate, fit, load_best_weights
+from resnet18_dist.engine.checkpoint import LoopState, RunMeta, TrainState, check_compatible
+from resnet18_dist.engine.loop import (
+    FitOptions,
+    TrainingSetup,
+    evaluate,
+    fit,
+    load_best_weights,
+)
 from resnet18_dist.engine.optim import build_optimizer, build_scheduler
 from resnet18_dist.engine.reporting import Reporter
+from resnet18_dist.engine.rundir import REPORT_FILE
 from resnet18_dist.engine.runtime import TorchRuntime
-from resnet18_dist.engine.tasks import ClassificationTask, DistillationTask
-from resnet18_dist.export.artifact import save_model_pt
-from resnet18_dist.export.meta import ExportMeta
+from resnet18_dist.engine.tasks import ClassificationTask, DistillationTask, Task
 from resnet18_dist.metrics import scalars
+from resnet18_dist.model_meta import ExportMeta
 from resnet18_dist.models import ModelSpec, build_model, count_parameters, resolve_stem
 from resnet18_dist.models.finetune import apply_freeze, load_pretrained
+from resnet18_dist.models.model_file import save_model_pt
 from resnet18_dist.models.teacher import load_teacher
-from resnet18_dist.seeding import seed_everything, set_rng_state
+from resnet18_dist.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.json"
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run_info.json"
 METRICS_FILE = "metrics.jsonl"
 BEST_MODEL_FILE = "model.pt"
 
 
-def resolve_data_dir(cfg: TrainConfig) -> Path:
-    if cfg.data.data_dir:
-        return Path(cfg.data.data_dir)
-    return ensure_digits_dataset()
+@dataclass
+class RunData:
+    manifest: Manifest
+    policy: DataPolicy
+    loaders: Loaders
+
+
+def build_data(cfg: TrainConfig, runtime: TorchRuntime) -> RunData:
+    """Manifest, policy and this rank's loaders.
+
+    Shard hashes (the DALI backend's guard against a corrupt file) are checked by one rank per
+    node, local rank 0; the others wait for its verdict in the collective below, so a bad shard
+    stops every rank with an error and nobody reads it.
+    """
+    manifest = Manifest.load(dataset_dir(cfg.data.data_dir))
+    policy = resolve_policy(cfg.data, manifest)
+    settings = loader_settings(
+        cfg.data,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        seed=cfg.run.seed,
+        device=runtime.device,
+        channels_last=runtime.channels_last,
+        cpus_per_worker=runtime.cpus,
+        verify_shards=runtime.local_rank == 0,
+    )
+    error: Exception | None = None
+    loaders = None
+    try:
+        loaders = build_loaders(cfg.data, manifest, policy, settings)
+    except DatasetError as exc:
+        error = exc
+    flag = torch.tensor([float(error is not None)], device=runtime.device)
+    failed = runtime.all_reduce(flag, op="max")
+    if error is not None:
+        raise error
+    if float(failed[0]) > 0:
+        assert loaders is not None
+        loaders.close()
+        raise DatasetError(
+            f"{manifest.root}: another rank of this job found the dataset unusable (its error "
+            "names the shard); nothing was read here"
+        )
+    assert loaders is not None
+    return RunData(manifest, policy, loaders)
+
+
+@dataclass
+class RunModel:
+    spec: ModelSpec
+    setup: TrainingSetup
+    teacher_info: dict[str, Any] | None
+
+
+def build_setup(cfg: TrainConfig, runtime: TorchRuntime, data: RunData, resuming: bool) -> RunModel:
+    """Model (pretrained and frozen parts), DDP wrapping, optimizer, schedule and task."""
+    spec = ModelSpec(
+        arch=cfg.model.arch,
+        num_classes=data.manifest.num_classes,
+        se_reduction=cfg.model.se_reduction,
+        stem=resolve_stem(cfg.model.stem, data.policy.image_size),
+        dropout=cfg.model.dropout,
+    )
+    model = build_model(spec)
+    if cfg.model.pretrained and not resuming:  # a resumed run has its own weights
+        load_pretrained(model, cfg.model.pretrained)
+    set_train_mode = apply_freeze(model, cfg.model.freeze)
+    wrapped = runtime.wrap_model(model)
+    unwrapped = runtime.unwrap(wrapped)
+    optimizer = build_optimizer(unwrapped, cfg.optim, backbone_lr=cfg.optim.backbone_lr)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(data.loaders.train))
+    teacher_info = None
+    task: Task
+    if cfg.distill.teacher:
+        teacher, teacher_info = load_teacher(cfg.distill, data.manifest.classes)
+        task = DistillationTask(
+            runtime.prepare_module(teacher),  # same device and memory format; never DDP
+            cfg.distill.temperature,
+            cfg.distill.alpha,
+            cfg.optim.label_smoothing,
+        )
+    else:
+        task = ClassificationTask(cfg.optim.label_smoothing)
+    setup = TrainingSetup(wrapped, unwrapped, task, optimizer, scheduler, set_train_mode)
+    return RunModel(spec, setup, teacher_info)
+
+
+def restore(
+    cfg: TrainConfig, run: RunModel, data: RunData, checkpoint: str | Path | None
+) -> LoopState:
+    """The loop state to start from: a checkpoint's (weights, optimizer, schedule position,
+    RNG), or a fresh one."""
+    if not checkpoint:
+        return LoopState()
+    state = TrainState.load(checkpoint)  # on CPU; load_state_dict moves to the device
+    check_compatible(state, run.spec, data.manifest.classes)
+    loop = state.restore_into(
+        run.setup.unwrapped,
+        run.setup.optimizer,
+        run.setup.scheduler,
+        steps_per_epoch=len(data.loaders.train),
+        epochs=cfg.optim.epochs,
+    )
+    log.info("resumed from %s at epoch %d", state.path, loop.epoch + 1)
+    return loop
+
+
+def describe_run(
+    cfg: TrainConfig, runtime: TorchRuntime, data: RunData, run: RunModel
+) -> dict[str, Any]:
+    """What "auto" resolved to, stored in run_info.json, every checkpoint and the report."""
+    unwrapped = run.setup.unwrapped
+    return {
+        "data_dir": str(data.manifest.root),
+        "image_size": data.policy.image_size,
+        "augment": data.policy.augment,
+        "stem": run.spec.stem,
+        "data_backend": data.loaders.backend,
+        "amp": "bf16" if runtime.amp else "off",
+        "channels_last": runtime.channels_last,
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "runtime": runtime.name,
+        "cpus_per_worker": runtime.cpus,
+        "global_batch_size": cfg.data.batch_size * runtime.world_size,
+        "steps_per_epoch": len(data.loaders.train),
+        "parameters": count_parameters(unwrapped),
+        "trainable_parameters": count_parameters(unwrapped, trainable_only=True),
+        "task": run.setup.task.name,
+        "teacher": run.teacher_info,
+        "pretrained": cfg.model.pretrained,
+        "freeze": cfg.model.freeze,
+    }
+
+
+def open_run(
+    cfg: TrainConfig,
+    runtime: TorchRuntime,
+    run_dir: Path,
+    data: RunData,
+    run: RunModel,
+    resolved: dict[str, Any],
+    state: LoopState,
+    started: float,
+    extra_callbacks: list[Callback] | None,
+) -> CallbackList:
+    """Rank 0 writes the run's header files (config.yaml, run_info.json) and opens its
+    observers (metrics.jsonl, progress, console, W&B); other ranks get no callbacks."""
+    if not runtime.is_main:
+        return CallbackList()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.dump_yaml(run_dir / CONFIG_FILE)
+    info = {
+        "resolved": resolved,
+        "classes": data.manifest.classes,
+        "model_spec": run.spec.to_dict(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "resnet18_dist": __version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "start_epoch": state.epoch,
+    }
+    atomic_write_text(run_dir / RUN_INFO_FILE, json.dumps(info, indent=1) + "\n")
+    callbacks = CallbackList(
+        [
+            JsonlLogger(run_dir / METRICS_FILE, start_epoch=state.epoch),
+            ProgressBar(cfg.optim.epochs, enabled=progress_wanted(cfg.run.quiet)),
+            ConsoleSummary(cfg.optim.epochs),
+            *(extra_callbacks or []),
+        ]
+    )
+    callbacks.on_start({"config": cfg.to_dict(), **info})
+    spec = run.spec
+    log.info(
+        "data backend %s (requested %s), %d loader workers, image size %d, augment %s",
+        data.loaders.backend,
+        cfg.data.data_backend,
+        data.loaders.workers,
+        data.policy.image_size,
+        data.policy.augment,
+    )
+    log.info(
+        f"training {spec.arch} ({resolved['parameters']:,} parameters, "
+        f"{resolved['trainable_parameters']:,} trainable, stem {spec.stem}, "
+        f"SE {spec.se_reduction or 'off'}) on {data.manifest.counts['train']} images of "
+        f"{data.manifest.num_classes} classes, {data.policy.image_size}px, "
+        f"{runtime.world_size} worker(s) on {runtime.device}, backend {data.loaders.backend}"
+        + (f", distilling from {run.teacher_info}" if run.teacher_info else "")
+    )
+    return callbacks
+
+
+def evaluate_best(
+    cfg: TrainConfig, runtime: TorchRuntime, data: RunData, run: RunModel, state: LoopState
+) -> dict[str, Any]:
+    """The test split, once, with the best-validation weights (never used to choose them)."""
+    load_best_weights(run.setup.unwrapped, state)
+    return evaluate(
+        run.setup.unwrapped,
+        data.loaders.test,
+        runtime,
+        data.manifest.num_classes,
+        progress=runtime.is_main and progress_wanted(cfg.run.quiet),
+        desc="test",
+    )
+
+
+def publish(
+    runtime: TorchRuntime,
+    run_dir: Path,
+    data: RunData,
+    run: RunModel,
+    report: dict[str, Any],
+    callbacks: CallbackList,
+) -> None:
+    """Rank 0 writes model.pt (the best weights, deployable) and, last, report.json: its
+    presence marks the run as finished (engine/rundir.py)."""
+    if not runtime.is_main:
+        return
+    meta = ExportMeta(
+        classes=data.manifest.classes,
+        image_size=data.policy.image_size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        model_spec=run.spec.to_dict(),
+        source_checkpoint=str(run_dir),
+    )
+    save_model_pt(run.setup.unwrapped, meta, run_dir / BEST_MODEL_FILE)
+    report["best_model_path"] = str(run_dir / BEST_MODEL_FILE)
+    atomic_write_text(run_dir / REPORT_FILE, json.dumps(report, indent=1) + "\n")
+    callbacks.on_test(report)
+    callbacks.on_finish()
 
 
 def run_training(
@@ -71,215 +312,80 @@ def run_training(
 ) -> dict[str, Any]:
     """Train, evaluate the test split with the best weights, write the run directory's files.
 
-    Returns the test report (on every rank). ``resume_from`` overrides ``cfg.run.resume`` (Ray
-    Train passes the checkpoint it restored after a failure).
+    Returns the test report (on every rank). ``resume_from`` overrides ``cfg.run.resume`` (the
+    launcher's run plan, or the checkpoint Ray Train restored after a failure).
     """
     started = time.time()
     run_dir = Path(run_dir)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
-
-    manifest = Manifest.load(resolve_data_dir(cfg))
-    policy = resolve_policy(cfg.data, manifest)
-    spec = ModelSpec(
-        arch=cfg.model.arch,
-        num_classes=manifest.num_classes,
-        se_reduction=cfg.model.se_reduction,
-        stem=resolve_stem(cfg.model.stem, policy.image_size),
-        dropout=cfg.model.dropout,
-    )
-    loaders = build_loaders(
-        cfg.data,
-        manifest,
-        policy,
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-        seed=cfg.run.seed,
-        device=runtime.device,
-        channels_last=runtime.channels_last,
-        cpus_per_worker=cfg.run.cpus_per_worker,
-    )
+    log.info(runtime.describe())
+    checkpoint = resume_from or cfg.run.resume
+    if checkpoint == RESUME_THIS_RUN:
+        checkpoint = run_dir
+    data = build_data(cfg, runtime)
     try:
-        model = build_model(spec)
-        resume = resume_from or cfg.run.resume
-        if cfg.model.pretrained and not resume:  # a resumed run has its own weights
-            load_pretrained(model, cfg.model.pretrained)
-        set_train_mode = apply_freeze(model, cfg.model.freeze)
-        model = runtime.wrap_model(model)
-        unwrapped = runtime.unwrap(model)
-        optimizer = build_optimizer(unwrapped, cfg.optim, backbone_lr=cfg.optim.backbone_lr)
-        scheduler = build_scheduler(optimizer, cfg.optim, len(loaders.train))
-        teacher_info = None
-        task: ClassificationTask | DistillationTask
-        if cfg.distill.teacher:
-            teacher, teacher_info = load_teacher(cfg.distill, manifest.classes)
-            task = DistillationTask(
-                runtime.prepare_module(teacher),  # same device and memory format; never DDP
-                cfg.distill.temperature,
-                cfg.distill.alpha,
-                cfg.optim.label_smoothing,
-            )
-        else:
-            task = ClassificationTask(cfg.optim.label_smoothing)
-
-        state = LoopState()
-        if resume:
-            ckpt = load_checkpoint(resume)  # on CPU; load_state_dict moves to the device
-            check_compatible(ckpt, spec, manifest.classes)
-            unwrapped.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            # The schedule's shape comes from this run's config (so --epochs may be raised on
-            # resume, re-planning the cosine over the new total); its position from the
-            # checkpoint.
-            n_groups = len(optimizer.param_groups)
-            scheduler.load_state_dict({**ckpt["scheduler"], "lr_lambdas": [None] * n_groups})
-            state = LoopState.from_checkpoint(ckpt)
-            set_rng_state(ckpt["rng"])
-            log.info("resumed from %s at epoch %d", ckpt["_path"], state.epoch)
-            del ckpt
-
-        resolved = {
-            "data_dir": str(manifest.root),
-            "image_size": policy.image_size,
-            "augment": policy.augment,
-            "stem": spec.stem,
-            "data_backend": loaders.backend,
-            "amp": "bf16" if runtime.amp else "off",
-            "channels_last": runtime.channels_last,
-            "device": str(runtime.device),
-            "world_size": runtime.world_size,
-            "runtime": runtime.name,
-            "global_batch_size": cfg.data.batch_size * runtime.world_size,
-            "steps_per_epoch": len(loaders.train),
-            "parameters": count_parameters(unwrapped),
-            "trainable_parameters": count_parameters(unwrapped, trainable_only=True),
-            "task": task.name,
-            "teacher": teacher_info,
-            "pretrained": cfg.model.pretrained,
-            "freeze": cfg.model.freeze,
-        }
-        callbacks = CallbackList()
-        if runtime.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.dump_yaml(run_dir / CONFIG_FILE)
-            info = {
-                "resolved": resolved,
-                "classes": manifest.classes,
-                "model_spec": spec.to_dict(),
-                "host": socket.gethostname(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "resnet18_dist": __version__,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            }
-            atomic_write_text(run_dir / RUN_INFO_FILE, json.dumps(info, indent=1) + "\n")
-            callbacks = CallbackList(
-                [
-                    JsonlLogger(run_dir / METRICS_FILE),
-                    ProgressBar(cfg.optim.epochs, enabled=not cfg.run.quiet),
-                    ConsoleSummary(cfg.optim.epochs),
-                    *(extra_callbacks or []),
-                ]
-            )
-            callbacks.on_start({"config": cfg.to_dict(), **info})
-            log.info(
-                f"training {spec.arch} ({resolved['parameters']:,} parameters, "
-                f"{resolved['trainable_parameters']:,} trainable, stem {spec.stem}, "
-                f"SE {spec.se_reduction or 'off'}) on {manifest.counts['train']} images of "
-                f"{manifest.num_classes} classes, {policy.image_size}px, {runtime.world_size} "
-                f"worker(s) on {runtime.device}, backend {loaders.backend}"
-                + (f", distilling from {teacher_info}" if teacher_info else "")
-            )
-
+        run = build_setup(cfg, runtime, data, resuming=bool(checkpoint))
+        state = restore(cfg, run, data, checkpoint)
+        resolved = describe_run(cfg, runtime, data, run)
+        callbacks = open_run(
+            cfg, runtime, run_dir, data, run, resolved, state, started, extra_callbacks
+        )
+        timings["setup_s"] = time.perf_counter() - t0
         try:
+            t = time.perf_counter()
             state = fit(
-                model,
-                task,
-                loaders,
-                optimizer,
-                scheduler,
+                run.setup,
+                data.loaders,
                 runtime,
                 reporter,
-                epochs=cfg.optim.epochs,
-                patience=cfg.optim.patience,
-                seed=cfg.run.seed,
-                num_classes=manifest.num_classes,
-                checkpoint_extra={
-                    "format_version": 1,
-                    "model_spec": spec.to_dict(),
-                    "classes": manifest.classes,
-                    "config": cfg.to_dict(),
-                    "resolved": resolved,
-                },
-                state=state,
-                callbacks=callbacks,
-                log_every=cfg.run.log_every,
-                set_train_mode=set_train_mode,
-                show_progress=runtime.is_main and not cfg.run.quiet,
+                FitOptions(
+                    epochs=cfg.optim.epochs,
+                    patience=cfg.optim.patience,
+                    seed=cfg.run.seed,
+                    num_classes=data.manifest.num_classes,
+                    log_every=cfg.run.log_every,
+                    show_progress=runtime.is_main and progress_wanted(cfg.run.quiet),
+                ),
+                RunMeta(
+                    model_spec=run.spec.to_dict(),
+                    classes=data.manifest.classes,
+                    config=cfg.to_dict(),
+                    resolved=resolved,
+                ),
+                state,
+                callbacks,
             )
-            load_best_weights(unwrapped, state)
-            test = evaluate(
-                unwrapped,
-                loaders.test,
-                runtime,
-                manifest.num_classes,
-                progress=runtime.is_main and not cfg.run.quiet,
-                desc="test",
-            )
+            timings["fit_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            test = evaluate_best(cfg, runtime, data, run, state)
+            timings["test_s"] = time.perf_counter() - t
         except BaseException:
             callbacks.on_finish(failed=True)  # e.g. the W&B run is marked failed, not lost
             raise
     finally:
-        loaders.close()
+        data.loaders.close()
 
     report = {
         **scalars(test, "test"),
         "test_images_per_s": test["images_per_s"],
         "test_samples": test["samples"],
-        "test_per_class_acc": dict(zip(manifest.classes, test["per_class_acc"], strict=True)),
+        "test_per_class_acc": dict(zip(data.manifest.classes, test["per_class_acc"], strict=True)),
         "test_confusion": test["confusion"],
-        "classes": manifest.classes,
+        "classes": data.manifest.classes,
         "best_val_top1": state.best_top1,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
         "stopped_early": state.stopped_early,
         "wall_time_s": time.time() - started,
+        # Wall-clock bounds of this function, for launcher benchmarks that split a process's
+        # time into start-up, training and teardown (launch/benchmark_launchers.py).
+        "started_unix": started,
+        "finished_unix": time.time(),
+        "timings": timings,
         "run_dir": str(run_dir),
         "resolved": resolved,
     }
-    if runtime.is_main:
-        # The best-validation weights, deployable without the training state (export format).
-        meta = ExportMeta(
-            classes=manifest.classes,
-            image_size=policy.image_size,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            model_spec=spec.to_dict(),
-            source_checkpoint=str(run_dir),
-        )
-        save_model_pt(unwrapped, meta, run_dir / BEST_MODEL_FILE)
-        report["best_model_path"] = str(run_dir / BEST_MODEL_FILE)
-        atomic_write_text(run_dir / REPORT_FILE, json.dumps(report, indent=1) + "\n")
-        callbacks.on_test(report)
-        callbacks.on_finish()
+    publish(runtime, run_dir, data, run, report, callbacks)
     return report
-
-
-def default_run_name() -> str:
-    return time.strftime("train-%Y%m%d-%H%M%S")
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The test-split report as printed at the end of a run."""
-    lines = [
-        f"test report ({report['test_samples']} images, best epoch {report['best_epoch'] + 1} "
-        f"of {report['epochs_run']}{', stopped early' if report['stopped_early'] else ''}):",
-        f"  top-1 {report['test_top1']:.4f}   top-5 {report['test_top5']:.4f}   "
-        f"macro-F1 {report['test_f1_macro']:.4f}   loss {report['test_loss']:.4f}",
-        "  per-class accuracy: "
-        + "  ".join(f"{c}={a:.3f}" for c, a in report["test_per_class_acc"].items()),
-        f"  eval {report['test_images_per_s']:.0f} images/s; "
-        f"wall time {report['wall_time_s']:.1f}s",
-        f"  run directory: {report['run_dir']}",
-    ]
-    return "\n".join(lines)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+class Task(Protocol):
+    """Turns a batch into (loss, the student's logits). ``name`` is recorded in the run."""
+
+    name: str
+
+    def loss(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class ClassificationTask:
@@ -51,8 +63,10 @@ def distillation_loss(
 class DistillationTask:
     """Cross-entropy plus distillation from a frozen teacher.
 
-    The teacher is not wrapped in DDP (it has no gradients to synchronise), stays in eval mode
-    and runs under no_grad, inside the same autocast as the student (the loop's).
+    The teacher is not wrapped in DDP (it has no gradients to synchronise), is frozen here
+    (eval mode, so its BatchNorm statistics never move; no parameter requires a gradient) and
+    runs under no_grad, inside the same autocast as the student (the loop's). The loop only ever
+    switches the student between train and eval mode.
     """
 
     name = "distillation"
@@ -60,6 +74,8 @@ class DistillationTask:
     def __init__(
         self, teacher: nn.Module, temperature: float, alpha: float, label_smoothing: float = 0.0
     ) -> None:
+        for p in teacher.parameters():
+            p.requires_grad_(False)
         self.teacher = teacher.eval()
         self.temperature = temperature
         self.alpha = alpha

@@ -63,7 +63,7 @@ def _runner(
     import torch
 
     torch.set_num_threads(threads)
-    from resnet18_dist.export.artifact import load_model_pt
+    from resnet18_dist.models.model_file import load_model_pt
 
     model, _ = load_model_pt(model_pt)
     if kind == "torch_dynamic_int8":
@@ -117,6 +117,7 @@ def _child(
             {
                 "latency_p50_ms": float(np.percentile(lat, 50) * 1e3),
                 "latency_p95_ms": float(np.percentile(lat, 95) * 1e3),
+                "latency_runs": len(lat),
                 "throughput_batch": len(batch),
                 "throughput_images_per_s": throughput,
                 "peak_rss_mb": peak,

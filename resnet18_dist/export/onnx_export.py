@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from resnet18_dist.atomic import atomic_write
-from resnet18_dist.export.meta import INPUT_NAME, OUTPUT_NAME, ExportMeta
+from resnet18_dist.model_meta import INPUT_NAME, OUTPUT_NAME, ExportMeta
 
 log = logging.getLogger(__name__)
 OPSET = 18

@@ -6,12 +6,14 @@ failed export (a corrupt checkpoint, a full disk, a failing check) never leaves 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from resnet18_dist.atomic import atomic_write_text, staged_directory
-from resnet18_dist.data.manifest import Manifest
+from resnet18_dist.atomic import WriteError, atomic_write_text, staged_directory
+from resnet18_dist.checkpoint_file import CheckpointError
+from resnet18_dist.data.manifest import DatasetError, Manifest
 from resnet18_dist.data.policy import DataPolicy
 from resnet18_dist.data.torch_loader import ShardDataset, eval_transform
-from resnet18_dist.export.artifact import model_from_checkpoint, save_model_pt
+from resnet18_dist.export.artifact import model_from_checkpoint
 from resnet18_dist.export.measure import MeasureOptions, measure
-from resnet18_dist.export.meta import (
-    META_JSON,
-    MODEL_DYNAMIC_PT,
-    MODEL_INT8_ONNX,
-    MODEL_ONNX,
-    MODEL_PT,
-    MODEL_TRT,
-)
 from resnet18_dist.export.onnx_export import export_onnx
 from resnet18_dist.export.quantize import (
     quantize_dynamic_torch,
@@ -41,13 +36,23 @@ from resnet18_dist.export.quantize import (
     save_dynamic_torch,
 )
 from resnet18_dist.export.report import render_markdown
+from resnet18_dist.export.tensorrt import build_engine, tensorrt_unavailable_reason
 from resnet18_dist.machine import machine_description
 from resnet18_dist.metrics import ClassificationMetrics
+from resnet18_dist.model_meta import (
+    META_JSON,
+    MODEL_DYNAMIC_PT,
+    MODEL_INT8_ONNX,
+    MODEL_ONNX,
+    MODEL_PT,
+    MODEL_TRT,
+)
+from resnet18_dist.models.model_file import save_model_pt
+from resnet18_dist.options import Options, opt
 
 log = logging.getLogger(__name__)
 
 FP32_REL_TOL = 1e-4
-INT8_AGREEMENT_MIN = 0.99
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
@@ -56,20 +61,65 @@ class ExportError(RuntimeError):
     """The export could not be produced; nothing was written."""
 
 
+@contextlib.contextmanager
+def _step(name: str) -> Iterator[None]:
+    """Report any failure inside one export step as an ExportError naming the step, so the
+    launcher prints one line instead of a traceback (the staging directory is discarded)."""
+    try:
+        yield
+    except (ExportError, WriteError, CheckpointError, DatasetError):
+        raise
+    except Exception as exc:
+        raise ExportError(f"{name} failed: {type(exc).__name__}: {exc}") from exc
+
+
 @dataclass
-class ExportOptions:
-    checkpoint: str
-    out: str
-    data_dir: str | None = None  # default: the dataset the checkpoint was trained on
-    calibration_images: int = 512
-    calibration_method: str = "minmax"
-    reduce_range: str = "auto"  # auto | on | off
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    latency_iters: int = 200
-    throughput_seconds: float = 3.0
-    max_test_images: int = 0  # 0 = the whole test split
-    tensorrt: bool = True
-    quiet: bool = False
+class ExportOptions(Options):
+    checkpoint: str | None = opt(
+        None, "A checkpoint file, checkpoint directory or run directory.", required=True
+    )
+    out: str | None = opt(None, "Output directory (replaced atomically).", required=True)
+    data_dir: str | None = opt(
+        None,
+        "Prepared dataset for verification and calibration. Default: the one the checkpoint "
+        "was trained on.",
+    )
+    calibration_images: int = opt(512, "Validation images for INT8 calibration.", ge=1)
+    calibration_method: str = opt(
+        "minmax", "INT8 calibration.", choices=("minmax", "entropy", "percentile")
+    )
+    reduce_range: str = opt(
+        "auto",
+        "7-bit INT8 weights. auto = on for x86 CPUs without VNNI, whose AVX2 int8 kernels would "
+        "otherwise saturate.",
+        choices=("auto", "on", "off"),
+    )
+    threads: int | None = opt(
+        None, "Intra-op threads for every measured runtime. Default: all CPUs.", ge=1
+    )
+    latency_iters: int = opt(200, "Timed batch-1 runs per artifact.", ge=1)
+    throughput_seconds: float = opt(3.0, "Seconds of batch-64 runs per artifact.", gt=0)
+    max_test_images: int = opt(0, "Use only the first N test images (0 = all).", ge=0)
+    max_int8_drop: float = opt(
+        1.0,
+        "The INT8 gate: the most test top-1 (in points) the INT8 model may lose against FP32 "
+        "ONNX; beyond it the export exits 1 (the artifacts are still written and measured).",
+        ge=0,
+    )
+    tensorrt: bool = opt(True, "Build a TensorRT engine when CUDA and tensorrt are present.")
+    wandb_mode: str = opt(
+        "auto",
+        "Log the report table and the ONNX files to W&B (job_type export). auto = online with "
+        "an API key, else offline.",
+        choices=("auto", "online", "offline", "disabled"),
+    )
+    wandb_project: str = opt("resnet18-dist", "W&B project.")
+    wandb_group: str = opt("", "W&B group (e.g. the training run's).")
+    quiet: bool = opt(False, "Less output.")
+
+    def validate(self) -> None:
+        if self.threads is None:
+            self.threads = os.cpu_count() or 1
 
 
 def _split_array(
@@ -95,6 +145,18 @@ def _metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[s
     m.update(lt, yt, torch.nn.functional.cross_entropy(lt.float(), yt))
     out = m.compute()
     return {"top1": out["top1"], "top5": out["top5"], "f1_macro": out["f1_macro"]}
+
+
+def _onnx_checker(*paths: Path) -> dict[str, str]:
+    """Run ONNX's full checker (shape inference included) on the files as written."""
+    import onnx
+
+    out = {}
+    for path in paths:
+        with _step(f"ONNX checker on {path.name}"):
+            onnx.checker.check_model(str(path), full_check=True)
+        out[path.name] = "passed"
+    return out
 
 
 def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
@@ -136,29 +198,31 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
         artifacts: list[tuple[str, str, Path]] = []
         save_model_pt(model, meta, stage / MODEL_PT)
         artifacts.append(("PyTorch FP32", "torch_fp32", stage / MODEL_PT))
-        export_onnx(model, meta, stage / MODEL_ONNX)  # includes the full ONNX checker
+        with _step("ONNX export"):
+            export_onnx(model, meta, stage / MODEL_ONNX)  # includes the full ONNX checker
         artifacts.append(("ONNX Runtime FP32", "onnx_fp32", stage / MODEL_ONNX))
         reduce_range = resolve_reduce_range(opts.reduce_range)
-        quantize_onnx_int8(
-            stage / MODEL_ONNX,
-            stage / MODEL_INT8_ONNX,
-            calib,
-            meta,
-            opts.calibration_method,
-            reduce_range,
-        )
+        with _step("INT8 quantization"):
+            quantize_onnx_int8(
+                stage / MODEL_ONNX,
+                stage / MODEL_INT8_ONNX,
+                calib,
+                meta,
+                opts.calibration_method,
+                reduce_range,
+            )
         artifacts.append(("ONNX Runtime INT8 (static QDQ)", "onnx_int8", stage / MODEL_INT8_ONNX))
-        save_dynamic_torch(quantize_dynamic_torch(model), stage / MODEL_DYNAMIC_PT)
+        with _step("PyTorch dynamic quantization"):
+            save_dynamic_torch(quantize_dynamic_torch(model), stage / MODEL_DYNAMIC_PT)
         artifacts.append(
             ("PyTorch dynamic INT8 (Linear only)", "torch_dynamic_int8", stage / MODEL_DYNAMIC_PT)
         )
         trt_note = None
         if opts.tensorrt:
-            from resnet18_dist.export.tensorrt import build_engine, tensorrt_unavailable_reason
-
             trt_note = tensorrt_unavailable_reason()
             if trt_note is None:
-                build_engine(stage / MODEL_ONNX, stage / MODEL_TRT, meta.image_size)
+                with _step("TensorRT engine build"):
+                    build_engine(stage / MODEL_ONNX, stage / MODEL_TRT, meta.image_size)
                 artifacts.append(("TensorRT FP16", "tensorrt", stage / MODEL_TRT))
             else:
                 log.info("TensorRT engine skipped: %s", trt_note)
@@ -170,7 +234,8 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
             artifacts, desc="measure", unit="artifact", disable=opts.quiet
         ):
             log.info("measuring %s ...", name)
-            result = measure(kind, path, stage / MODEL_PT, perf_path, test_path, mopts)
+            with _step(f"measuring {name}"):
+                result = measure(kind, path, stage / MODEL_PT, perf_path, test_path, mopts)
             logits[kind] = result.pop("logits")
             rows.append(
                 {
@@ -194,12 +259,16 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
         for row in rows:
             row["size_vs_onnx_fp32"] = row["size_bytes"] / onnx_size
         checks = {
-            "onnx_checker": True,  # export_onnx / quantize_onnx_int8 raise otherwise
+            "onnx_checker": _onnx_checker(stage / MODEL_ONNX, stage / MODEL_INT8_ONNX),
             "fp32_max_rel_err": by_kind["onnx_fp32"]["max_rel_err_vs_torch_fp32"],
             "fp32_ok": by_kind["onnx_fp32"]["max_rel_err_vs_torch_fp32"] < FP32_REL_TOL,
+            # Reported, not gated: a few borderline images flipping is not a broken model.
             "int8_top1_agreement": by_kind["onnx_int8"]["top1_agreement_vs_fp32"],
-            "int8_ok": by_kind["onnx_int8"]["top1_agreement_vs_fp32"] >= INT8_AGREEMENT_MIN,
+            # The gate: how much test top-1 INT8 loses against FP32 ONNX, in points.
+            "int8_top1_drop": 100.0 * (by_kind["onnx_fp32"]["top1"] - by_kind["onnx_int8"]["top1"]),
+            "max_int8_drop": opts.max_int8_drop,
         }
+        checks["int8_ok"] = checks["int8_top1_drop"] <= opts.max_int8_drop
         if not checks["fp32_ok"]:
             raise ExportError(
                 f"ONNX Runtime disagrees with PyTorch: max relative error "

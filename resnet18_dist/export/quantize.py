@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from resnet18_dist.atomic import atomic_write
-from resnet18_dist.export.meta import INPUT_NAME, ExportMeta
 from resnet18_dist.export.onnx_export import save_onnx, set_metadata
+from resnet18_dist.model_meta import INPUT_NAME, ExportMeta
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from resnet18_dist.config import RunConfig
-from resnet18_dist.engine.runtime import TorchRuntime, resolve_amp, resolve_channels_last
+from resnet18_dist.engine.runtime import TorchRuntime, resolve_amp
 
 
 def build_accelerator(run: RunConfig):
@@ -33,15 +33,19 @@ class AcceleratorRuntime(TorchRuntime):
     name = "accelerate"
 
     def __init__(self, run: RunConfig, accelerator) -> None:
+        import os
+
         self.accelerator = accelerator
-        self.rank = accelerator.process_index
-        self.world_size = accelerator.num_processes
-        self.local_rank = accelerator.local_process_index
-        self.device = accelerator.device
-        self._configure(run)
+        super().__init__(
+            run,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            local_rank=accelerator.local_process_index,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+            device=accelerator.device,
+        )
         # The Accelerator decides mixed precision; report what it does.
         self.amp = accelerator.mixed_precision == "bf16"
-        self.channels_last = resolve_channels_last(run.channels_last, self.device)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return self.accelerator.prepare_model(self.prepare_module(model))

@@ -44,6 +44,39 @@ def wandb_importable() -> bool:
     return importlib.util.find_spec("wandb") is not None
 
 
+def launcher_mode(requested: str) -> str:
+    """The mode a launcher uses: ``requested`` resolved, and disabled (with a warning) when
+    wandb is not installed and the mode was auto; an explicit mode without wandb is an error."""
+    mode = resolve_mode(requested)
+    if mode != "disabled" and not wandb_importable():
+        if requested != "auto":
+            from resnet18_dist.options import ConfigError
+
+            raise ConfigError("--wandb-mode", f"{requested}: wandb is not installed")
+        log.warning("wandb is not installed; W&B logging disabled")
+        return "disabled"
+    return mode
+
+
+def wandb_callbacks(
+    cfg: Any, runtime: Any, run_dir: Path, mode: str, job_type: str = "train"
+) -> list[Callback]:
+    """The W&B observer of a training run, on rank 0 only (every launcher builds it here)."""
+    if not runtime.is_main or mode == "disabled" or not wandb_importable():
+        return []
+    return [
+        WandbCallback(
+            mode=mode,
+            project=cfg.run.wandb_project,
+            run_dir=run_dir,
+            name=run_dir.name,
+            group=cfg.run.wandb_group or None,
+            job_type=job_type,
+            tags=run_tags(cfg, runtime.name, runtime.world_size),
+        )
+    ]
+
+
 def run_tags(cfg: Any, runtime: str, world_size: int) -> list[str]:
     """Tags that W&B's comparison views can filter and group by."""
     tags = [runtime, f"workers{world_size}", cfg.model.arch, f"se{cfg.model.se_reduction}"]

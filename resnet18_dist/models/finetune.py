@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from resnet18_dist.checkpoint_file import CheckpointError, best_model_state, load_checkpoint
 from resnet18_dist.config import parse_freeze
-from resnet18_dist.engine.checkpoint import CheckpointError, best_model_state, load_checkpoint
 from resnet18_dist.models.resnet import ResNetClassifier
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from resnet18_dist.checkpoint_file import CheckpointError, best_model_state, load_checkpoint
 from resnet18_dist.config import TORCHVISION_TEACHERS, DistillConfig
-from resnet18_dist.engine.checkpoint import CheckpointError, best_model_state, load_checkpoint
 from resnet18_dist.models.finetune import read_weights
 from resnet18_dist.models.resnet import ModelSpec, build_model
 

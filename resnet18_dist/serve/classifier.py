@@ -7,17 +7,21 @@ RGB, bilinear resize to ``image_size`` (PIL, as torchvision does for PIL images)
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from resnet18_dist.export.meta import MODEL_INT8_ONNX, MODEL_ONNX, ExportMeta
+from resnet18_dist.imaging import BadImage, ImageTooLarge, decode_upright
+from resnet18_dist.model_meta import MODEL_INT8_ONNX, MODEL_ONNX, ExportMeta
 
 
 class PredictError(ValueError):
     """A model or an input that cannot be used; the message names the file."""
+
+
+class ImageTooLargeError(PredictError):
+    """An input image declaring more pixels than allowed (a decompression bomb, or a limit)."""
 
 
 class OnnxClassifier:
@@ -85,14 +89,12 @@ class OnnxClassifier:
         return self.predict_bytes(data, str(path), top_k)
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-    if not data:
-        raise PredictError(f"{name}: empty file")
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode as training did (upright: EXIF orientation applied); errors name the file."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except UnidentifiedImageError as exc:
-        raise PredictError(f"{name}: not an image") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise PredictError(f"{name}: cannot decode image ({exc})") from exc
-    return img
+        return decode_upright(data, max_pixels)
+    except ImageTooLarge as exc:
+        raise ImageTooLargeError(f"{name}: {exc}") from exc
+    except BadImage as exc:
+        reason = "empty file" if not data else str(exc)
+        raise PredictError(f"{name}: {reason}") from exc

@@ -1,4 +1,4 @@
-"""The exported model's description, shared by every artifact and by the clients (no torch).
+"""The deployable model's description, shared by every artifact and by the clients (no torch).
 
 ``ExportMeta`` is written into ``model.pt``, into the ONNX models' ``metadata_props`` and into
 ``meta.json``, so a consumer of any one file knows the classes, the input size and the

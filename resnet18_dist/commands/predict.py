@@ -1,0 +1,53 @@
+"""Classify image files with an exported model (ONNX Runtime; no torch needed).
+
+    resnet18-dist predict --model exports/<name> cat.jpg dog.png
+    resnet18-dist predict --model exports/<name> --int8 --top-k 3 *.jpg
+
+A file that cannot be classified (unreadable, not an image, too large) is reported by name and
+the rest are still classified; the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from resnet18_dist.cli import build_parser, parse_options
+from resnet18_dist.options import Options, opt
+
+
+@dataclass
+class PredictOptions(Options):
+    images: list[str] = opt([], "Image files (any format PIL reads).", positional=True, nargs="+")
+    model: str | None = opt(
+        None, "An export directory (from resnet18-dist export) or a .onnx file.", required=True
+    )
+    top_k: int = opt(5, "Classes to print per image.", ge=1)
+    int8: bool = opt(False, "Use model.int8.onnx.")
+    threads: int = opt(0, "Intra-op threads (0 = ONNX Runtime's default).", ge=0)
+
+
+def main(argv: list[str] | None = None, prog: str = "resnet18-dist predict") -> int:
+    parser = build_parser(PredictOptions, __doc__, prog=prog, config_file=False)
+    opts = parse_options(PredictOptions, parser, argv)
+
+    from resnet18_dist.serve.classifier import OnnxClassifier, PredictError
+
+    try:
+        clf = OnnxClassifier.load(str(opts.model), int8=opts.int8, threads=opts.threads)
+    except PredictError as exc:
+        parser.error(f"--model: {exc}")
+    failed = 0
+    for path in opts.images:
+        try:
+            top = clf.predict_file(path, top_k=opts.top_k)
+        except PredictError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Train ResNet18 with Ray Train (PyTorch DDP); with no options, on the built-in digits.
+
+    python launch/train.py                                   # local Ray, digits, 1 worker
+    python launch/train.py --num-workers 2 --epochs 20
+    python launch/train.py --config my.yaml --lr 0.05        # flags override the YAML
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python launch/train.py --num-workers 8 --data-dir /shared/data/mydata
+
+Joins the cluster in RAY_ADDRESS / --address, or a running local one, else starts Ray in this
+process. Writes config.yaml, run_info.json, metrics.jsonl, checkpoints and report.json to
+--output-dir/--name, and prints the test-split report. The same --name again resumes an
+unfinished run, refuses a finished one (see --resume and --fresh).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+from resnet18_dist.cli import build_parser, parse_options
+from resnet18_dist.config import TrainConfig
+from resnet18_dist.options import ConfigError
+
+# Heavier imports (torch, Ray) wait until the options are parsed, so a typo fails fast.
+
+
+def _import_trainer() -> None:
+    import ray.train.torch  # noqa: F401  (imports torch)
+
+
+def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
+    parser = build_parser(TrainConfig, __doc__, prog=prog)
+    cfg = parse_options(TrainConfig, parser, argv)
+
+    from resnet18_dist.commands.common import check_data, plan_or_exit
+    from resnet18_dist.engine.summary import format_report
+    from resnet18_dist.integrations import wandb as wandb_adapter
+    from resnet18_dist.integrations.ray_train import (
+        build_trainer,
+        check_resources,
+        require_train_v2,
+        start_ray,
+    )
+    from resnet18_dist.logs import setup_logging
+
+    setup_logging()
+    # Everything that can be checked before a worker starts is checked here (exit code 2).
+    try:
+        require_train_v2()
+        wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
+        check_data(cfg, gpu_workers_possible=True)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    plan = plan_or_exit(parser, cfg)
+
+    # Ray's processes start while this one loads torch and the TorchTrainer (about two seconds
+    # of imports that would otherwise come before or after).
+    preload = threading.Thread(target=_import_trainer, name="preload", daemon=True)
+    preload.start()
+    start_ray(cfg.run.address, cfg.run.verbose)
+    preload.join()
+    try:
+        use_gpu = check_resources(cfg.run)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    print(
+        f"Ray Train: {cfg.run.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
+        f"run directory {plan.run_dir}",
+        flush=True,
+    )
+
+    from ray.train import TrainingFailedError
+
+    from resnet18_dist.checkpoint_file import latest_checkpoint_in
+
+    trainer = build_trainer(cfg, plan.run_dir, use_gpu, wandb_mode, plan.resume_from)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        latest = latest_checkpoint_in(plan.run_dir) if plan.run_dir.is_dir() else None
+        if latest is not None:
+            print(
+                f"The newest complete checkpoint is {latest}. Run the same command again to "
+                f"resume from it, or continue with --resume {plan.run_dir}",
+                file=sys.stderr,
+            )
+        return 1
+    report = result.return_value
+    if report is None:  # the worker's return value did not come back: read what it wrote
+        report = json.loads((Path(plan.run_dir) / "report.json").read_text())
+    print(format_report(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

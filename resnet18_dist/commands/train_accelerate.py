@@ -1,0 +1,82 @@
+"""Train without Ray: the same loop, options and outputs, under Hugging Face accelerate.
+
+    accelerate launch --multi_gpu --num_processes 4 launch/train_accelerate.py --epochs 30
+    torchrun --nproc_per_node 2 launch/train_accelerate.py        # 2 CPU processes (DDP, gloo)
+    python launch/train_accelerate.py                             # one process
+
+Options are those of launch/train.py; the process count comes from the launcher, so the
+Ray-only options (--num-workers, --address, --max-failures) are ignored. Checkpoints are the same
+as under Ray Train: `--resume` takes a run directory from either launcher.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from resnet18_dist.cli import build_parser, parse_options
+from resnet18_dist.config import TrainConfig
+from resnet18_dist.options import ConfigError
+
+
+def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py") -> int:
+    parser = build_parser(TrainConfig, __doc__, prog=prog)
+    cfg = parse_options(TrainConfig, parser, argv)
+
+    from accelerate.utils import broadcast_object_list
+
+    from resnet18_dist.checkpoint_file import CheckpointError
+    from resnet18_dist.commands.common import check_data, plan_or_exit
+    from resnet18_dist.data.manifest import DatasetError
+    from resnet18_dist.engine.reporting import LocalReporter
+    from resnet18_dist.engine.session import run_training
+    from resnet18_dist.engine.summary import format_report
+    from resnet18_dist.integrations import wandb as wandb_adapter
+    from resnet18_dist.integrations.accelerate import AcceleratorRuntime, build_accelerator
+    from resnet18_dist.logs import setup_logging
+
+    setup_logging()
+    accelerator = build_accelerator(cfg.run)
+    runtime = AcceleratorRuntime(cfg.run, accelerator)
+    # Rank 0 applies the run-name rule (it may move a directory aside); every rank then
+    # writes into the run directory it decided and resumes from the same checkpoint.
+    decision: list = [None]
+    if runtime.is_main:
+        try:
+            wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
+            check_data(cfg, gpu_workers_possible=runtime.device.type == "cuda")
+        except ConfigError as exc:
+            parser.error(str(exc))
+        plan = plan_or_exit(parser, cfg)
+        decision = [(cfg.run.name, str(plan.run_dir), plan.resume_from, wandb_mode)]
+        print(
+            f"accelerate: {runtime.world_size} process(es), {accelerator.distributed_type}, "
+            f"device {runtime.device}, mixed precision {accelerator.mixed_precision}, "
+            f"run directory {plan.run_dir}",
+            flush=True,
+        )
+    broadcast_object_list(decision, from_process=0)
+    cfg.run.name, run_dir_text, resume_from, wandb_mode = decision[0]
+    from pathlib import Path
+
+    run_dir = Path(run_dir_text)
+    try:
+        report = run_training(
+            cfg,
+            runtime,
+            LocalReporter(run_dir, keep=cfg.run.keep_checkpoints, is_main=runtime.is_main),
+            run_dir,
+            resume_from=resume_from,
+            extra_callbacks=wandb_adapter.wandb_callbacks(cfg, runtime, run_dir, wandb_mode),
+        )
+    except (DatasetError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        runtime.shutdown()
+    if runtime.is_main:
+        print(format_report(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The run-name rule: what the same ``--name`` and ``--output-dir`` mean a second time.
+
+- no such run directory: a new run (``--resume PATH`` starts it from another run's checkpoint);
+- an unfinished run there (checkpoints, no ``report.json``): it resumes from its newest complete
+  checkpoint, with no flag needed (a lost driver, a killed job: run the same command again);
+- a finished run there: refused (exit code 2) unless ``--resume`` extends it with a larger
+  ``--epochs`` than it ran;
+- ``--fresh``: the old directory is kept, renamed to ``NAME.prev-TIMESTAMP``, and the run starts
+  over in a new, empty ``NAME``.
+
+Launchers call ``plan_run`` before any worker starts, and print its ``describe()``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from resnet18_dist.checkpoint_file import checkpoint_epoch, latest_checkpoint_in
+from resnet18_dist.config import RESUME_THIS_RUN, RunConfig
+from resnet18_dist.options import ConfigError
+
+REPORT_FILE = "report.json"  # written last: its presence marks a finished run
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run_dir: Path
+    action: str  # "new" | "resume" | "extend"
+    resume_from: Path | None = None  # the checkpoint to continue from
+    start_epoch: int = 0  # epochs already done
+    epochs: int = 0
+    moved_aside: Path | None = None
+
+    def describe(self) -> str:
+        lines = []
+        if self.moved_aside is not None:
+            lines.append(f"--fresh: the previous run is kept in {self.moved_aside}")
+        if self.action == "resume":
+            lines.append(
+                f"resuming unfinished run {self.run_dir} at epoch {self.start_epoch + 1} of "
+                f"{self.epochs} (checkpoint {self.resume_from})"
+            )
+        elif self.action == "extend":
+            lines.append(
+                f"extending finished run {self.run_dir} from {self.start_epoch} to "
+                f"{self.epochs} epochs (checkpoint {self.resume_from})"
+            )
+        elif self.resume_from is not None:
+            lines.append(f"new run {self.run_dir}, starting from checkpoint {self.resume_from}")
+        return "\n".join(lines)
+
+
+def default_run_name() -> str:
+    return time.strftime("train-%Y%m%d-%H%M%S")
+
+
+def finished_epochs(run_dir: Path) -> int | None:
+    """Epochs a finished run trained (from its report), or None if it has not finished."""
+    report = run_dir / REPORT_FILE
+    if not report.is_file():
+        return None
+    try:
+        return int(json.loads(report.read_text())["epochs_run"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(run_dir.iterdir())
+
+
+def _same_dir(a: str | Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def plan_run(run: RunConfig, epochs: int) -> RunPlan:
+    """Apply the rule to ``run.output_dir/run.name`` (the name must be set). Moves the old
+    directory aside for ``--fresh``; raises ConfigError (exit code 2) to refuse."""
+    run_dir = Path(run.output_dir).resolve() / run.name
+    resume = run.resume
+    other = None if resume in (None, RESUME_THIS_RUN) else Path(resume)  # type: ignore[arg-type]
+    if other is not None and _same_dir(other, run_dir):
+        resume, other = RESUME_THIS_RUN, None
+    moved = None
+    if run.fresh and _holds_a_run(run_dir):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = run_dir.with_name(f"{run_dir.name}.prev-{stamp}")
+        n = 1
+        while moved.exists():
+            n += 1
+            moved = run_dir.with_name(f"{run_dir.name}.prev-{stamp}-{n}")
+        run_dir.rename(moved)
+
+    if not _holds_a_run(run_dir):
+        if resume == RESUME_THIS_RUN:
+            raise ConfigError("--resume", f"{run_dir} holds no run to resume")
+        return RunPlan(run_dir, "new", resume_from=other, epochs=epochs, moved_aside=moved)
+
+    done = finished_epochs(run_dir)
+    latest = latest_checkpoint_in(run_dir)
+    if done is not None:
+        hint = (
+            f"pass --resume with --epochs larger than {done} to extend it, --fresh to start "
+            "over (the old run is kept), or another --name"
+        )
+        if resume != RESUME_THIS_RUN:
+            raise ConfigError(
+                "--name",
+                f"{run_dir} already finished ({done} epochs, {REPORT_FILE} written); {hint}",
+            )
+        if epochs <= done:
+            raise ConfigError("--epochs", f"{run_dir} already ran {done} epochs; {hint}")
+        if latest is None:
+            raise ConfigError("--resume", f"{run_dir} finished but holds no checkpoint to extend")
+        return RunPlan(run_dir, "extend", latest, checkpoint_epoch(latest.parent), epochs)
+
+    if other is not None:
+        raise ConfigError(
+            "--resume",
+            f"{run_dir} already holds an unfinished run; run the same command without --resume "
+            "to continue it, or use --fresh or another --name to start from "
+            f"{other}",
+        )
+    if latest is None:  # died before its first checkpoint: nothing to keep, start it again
+        return RunPlan(run_dir, "new", epochs=epochs, moved_aside=moved)
+    return RunPlan(run_dir, "resume", latest, checkpoint_epoch(latest.parent), epochs)
