@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"round {r + 1} {label:15s} wall {res['wall']:6.1f}s, training "
                     f"{res['training']:5.1f}s, {res['images_per_s']:6.0f} img/s (median epochs "
-                    f"2-{args.epochs})",
+                    f"2-{args.epochs})\n    per-epoch train img/s: "
+                    + " ".join(f"{v:.0f}" for v in res["per_epoch"]),
                     flush=True,
                 )
 
@@ -154,24 +155,33 @@ def main(argv: list[str] | None = None) -> int:
         }
         for label, runs in results.items()
     }
-    header = "| phase (s) | " + " | ".join(results) + " |"
-    print(header)
-    print("|---|" + "---|" * len(results))
+    # Ratio columns: accelerate / ray, and ray / its baseline when one ran.
+    ratios = [("accelerate / ray", "accelerate", "ray")]
+    if "ray (baseline)" in results:
+        ratios.append(("ray / baseline", "ray", "ray (baseline)"))
+
+    def row(name: str, values: dict[str, float | None], fmt: str) -> str:
+        cells = [format(values[k], fmt) if values[k] is not None else "—" for k in results]
+        for _, a, b in ratios:
+            va, vb = values[a], values[b]
+            cells.append(f"{va / vb:.3f}" if va is not None and vb else "—")
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    print("| phase (s) | " + " | ".join(results) + " | " + " | ".join(r[0] for r in ratios) + " |")
+    print("|---|" + "---|" * (len(results) + len(ratios)))
     print(
-        "| train img/s (median epochs 2-N) | "
-        + " | ".join(f"{mean[k]['images_per_s']:.0f}" for k in results)
-        + " |"
+        row("train img/s (median epochs 2-N)", {k: mean[k]["images_per_s"] for k in results}, ".0f")
     )
     for phase in PHASES:
-        cells = []
-        for runs in results.values():
-            if all("phases" in r for r in runs):
-                cells.append(f"{statistics.mean(r['phases'][phase] for r in runs):.1f}")
-            else:
-                cells.append("—")
-        print(f"| {phase} | " + " | ".join(cells) + " |")
+        values = {
+            label: statistics.mean(r["phases"][phase] for r in runs)
+            if all("phases" in r for r in runs)
+            else None
+            for label, runs in results.items()
+        }
+        print(row(phase, values, ".1f"))
     for key in ("outside the run", "outside training", "wall"):
-        print(f"| **{key}** | " + " | ".join(f"{mean[k][key]:.1f}" for k in results) + " |")
+        print(row(f"**{key}**", {k: mean[k][key] for k in results}, ".1f"))
     print()
     ray, acc = mean["ray"], mean["accelerate"]
     print(f"accelerate / ray train throughput: {acc['images_per_s'] / ray['images_per_s']:.3f}")

@@ -25,8 +25,9 @@ def _train_and_kill_a_worker(
     digits_dataset: Path, out: Path, max_failures: int, after_epoch_logged: bool
 ) -> tuple[subprocess.CompletedProcess, Path]:
     """Start a 2-worker run and SIGKILL one worker: as soon as epoch 2's checkpoint file
-    appears (possibly mid-copy), or, with ``after_epoch_logged``, once epoch 2 is logged (its
-    report done) and Ray has had a moment to register it, i.e. early in epoch 3."""
+    appears (written under a temporary name and renamed, so whole), or, with
+    ``after_epoch_logged``, once epoch 2 is logged (its report done) and Ray has had a moment to
+    register it, i.e. early in epoch 3."""
     run_dir = out / "ft"
     cmd = [
         sys.executable,
@@ -121,7 +122,8 @@ def test_killed_worker_without_retries_is_a_clear_error_and_keeps_checkpoints(
     assert "error: training failed" in proc.stdout
     assert f"continue with --resume {run_dir}" in proc.stdout
     # What was saved before the kill is intact: the newest whole checkpoint resumes. (The kill
-    # may land while Ray copies epoch 2's checkpoint into place; that copy is then skipped.)
+    # may land while epoch 2's checkpoint is being written: it is written under a temporary
+    # name and renamed, so it is either whole or absent.)
     state = load_checkpoint(run_dir)
     assert state["loop"]["epoch"] >= 1 and "model" in state
     assert not list(run_dir.rglob("*.tmp"))

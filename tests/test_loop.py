@@ -276,3 +276,9 @@ def test_a_run_that_stopped_early_continues_with_more_epochs(
     assert second["epochs_run"] == 5 and second["stopped_early"]
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "b" / "metrics.jsonl").open()]
     assert epochs == [3, 4]
+
+
+def test_a_checkpoint_of_an_unknown_format_version_is_refused_by_name(tmp_path: Path) -> None:
+    write_checkpoint({"format_version": 99, "model": {}, "model_spec": {}}, tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt.*format.*99"):
+        load_checkpoint(tmp_path)

@@ -10,6 +10,7 @@ from resnet18_dist.commands.predict import PredictOptions
 from resnet18_dist.config import TrainConfig
 from resnet18_dist.data.prepare import PrepareOptions
 from resnet18_dist.export.pipeline import ExportOptions
+from tuning.space import SweepOptions
 
 from .conftest import REPO
 
@@ -19,6 +20,7 @@ TABLES = {
     "export": ExportOptions,
     "predict": PredictOptions,
     "compare": CompareOptions,
+    "sweep": SweepOptions,
 }
 
 

@@ -1,5 +1,5 @@
 """The ``resnet18-dist`` console command: ``resnet18-dist train|train-accelerate|prepare|export|
-predict|compare [options]``. Each subcommand is a module here with ``main(argv, prog)``; the
+predict|compare|sweep [options]``. Each subcommand is a module here with ``main(argv, prog)``; the
 ``launch/*.py`` scripts call the same functions, so both take the same options."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("export", "Export a checkpoint to ONNX, INT8 (and TensorRT) and measure them."),
     "predict": ("predict", "Classify image files with an exported model."),
     "compare": ("compare", "Compare training runs side by side."),
+    "sweep": ("sweep", "Sweep the recipe with Ray Tune and ASHA; export the best trial."),
 }
 
 

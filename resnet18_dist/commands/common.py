@@ -4,6 +4,7 @@ and the run-name rule applied and announced."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from resnet18_dist.config import TrainConfig
 from resnet18_dist.engine.rundir import RunPlan, default_run_name, plan_run
@@ -30,13 +31,24 @@ def check_data(cfg: TrainConfig, gpu_workers_possible: bool) -> None:
         raise ConfigError("--data-dir", str(exc)) from exc
 
 
-def plan_or_exit(parser: argparse.ArgumentParser, cfg: TrainConfig) -> RunPlan:
-    """Name the run (a timestamp by default), apply the run-name rule, print what it decided."""
-    cfg.run.name = cfg.run.name or default_run_name()
+def plan_or_exit(
+    parser: argparse.ArgumentParser, cfg: TrainConfig, dry_run: bool = False
+) -> RunPlan:
+    """Name the run, apply the run-name rule (exit code 2 to refuse), print what it decided;
+    ``dry_run`` only checks it (nothing moved, nothing printed)."""
+    if not cfg.run.name:
+        # A timestamp; a second run started in the same second gets a suffix, not a resume.
+        name = default_run_name()
+        taken = Path(cfg.run.output_dir) / name
+        n = 1
+        while taken.exists():
+            n += 1
+            taken = Path(cfg.run.output_dir) / f"{name}-{n}"
+        cfg.run.name = taken.name
     try:
-        plan = plan_run(cfg.run, cfg.optim.epochs)
+        plan = plan_run(cfg.run, cfg.optim.epochs, dry_run=dry_run)
     except ConfigError as exc:
         parser.error(str(exc))
-    if plan.describe():
+    if plan.describe() and not dry_run:
         print(plan.describe(), flush=True)
     return plan

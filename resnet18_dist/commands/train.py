@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
         check_data(cfg, gpu_workers_possible=True)
     except ConfigError as exc:
         parser.error(str(exc))
-    plan = plan_or_exit(parser, cfg)
+    plan_or_exit(parser, cfg, dry_run=True)  # refuse before Ray starts; --fresh moves later
 
     # Ray's processes start while this one loads torch and the TorchTrainer (about two seconds
     # of imports that would otherwise come before or after).
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
         use_gpu = check_resources(cfg.run)
     except ConfigError as exc:
         parser.error(str(exc))
+    plan = plan_or_exit(parser, cfg)  # the cluster can run it: now apply the run-name rule
     print(
         f"Ray Train: {cfg.run.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
         f"run directory {plan.run_dir}",

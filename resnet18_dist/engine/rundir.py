@@ -79,9 +79,11 @@ def _same_dir(a: str | Path, b: Path) -> bool:
         return False
 
 
-def plan_run(run: RunConfig, epochs: int) -> RunPlan:
+def plan_run(run: RunConfig, epochs: int, dry_run: bool = False) -> RunPlan:
     """Apply the rule to ``run.output_dir/run.name`` (the name must be set). Moves the old
-    directory aside for ``--fresh``; raises ConfigError (exit code 2) to refuse."""
+    directory aside for ``--fresh`` (unless ``dry_run``: a launcher checks the rule before Ray
+    starts and applies it once the cluster has accepted the run); raises ConfigError (exit
+    code 2) to refuse."""
     run_dir = Path(run.output_dir).resolve() / run.name
     resume = run.resume
     other = None if resume in (None, RESUME_THIS_RUN) else Path(resume)  # type: ignore[arg-type]
@@ -95,6 +97,8 @@ def plan_run(run: RunConfig, epochs: int) -> RunPlan:
         while moved.exists():
             n += 1
             moved = run_dir.with_name(f"{run_dir.name}.prev-{stamp}-{n}")
+        if dry_run:
+            return RunPlan(run_dir, "new", resume_from=other, epochs=epochs, moved_aside=moved)
         run_dir.rename(moved)
 
     if not _holds_a_run(run_dir):

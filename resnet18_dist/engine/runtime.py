@@ -156,10 +156,6 @@ class TorchRuntime:
             ):
                 b.copy_(synced)
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

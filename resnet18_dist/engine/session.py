@@ -2,10 +2,11 @@
 
 The phases, in order: ``build_data`` (manifest, policy, loaders; shards verified once per node)
 -> ``build_setup`` (model, optimizer, schedule, task) -> ``restore`` (a checkpoint, if resuming)
--> ``open_run`` (the run directory's header files and the rank-0 callbacks) -> ``fit`` ->
-``evaluate_best`` (the test split with the best-validation weights) -> ``publish`` (``model.pt``,
-``report.json``). The launcher supplies the runtime (process / Ray Train / accelerate), the
-reporter (run directory / Ray Train) and any extra rank-0 callbacks (W&B).
+-> ``describe_run`` (what "auto" resolved to) -> ``open_run`` (the run directory's header files
+and the rank-0 callbacks) -> ``fit`` -> ``evaluate_best`` (the test split with the
+best-validation weights) -> ``publish`` (``model.pt``, ``report.json``). The launcher supplies
+the runtime (process / Ray Train / accelerate), the reporter (run directory / Ray Train) and any
+extra rank-0 callbacks (W&B).
 """
 
 from __future__ import annotations

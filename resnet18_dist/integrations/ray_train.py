@@ -31,12 +31,12 @@ def require_train_v2() -> None:
 def start_ray(address: str | None, verbose: bool = False, dashboard: bool = True) -> bool:
     """Join RAY_ADDRESS / --address / a running local cluster, or start a private local Ray.
 
-    Returns True when this process started a private Ray. A private Ray gets no dashboard (a
-    job server is only useful on a cluster that outlives the driver; ``dashboard=True`` keeps
-    it), and Ray Train's controller polls its workers more often and runs no preemption
-    watcher (there is no spot instance to lose on one machine): on a small run these cut
-    seconds of start-up and teardown. A cluster started with ``ray start`` keeps its own
-    settings.
+    Returns True when this process started a private Ray. A private Ray starts no idle
+    workers in advance, and Ray Train's controller polls its workers more often and runs no
+    preemption watcher (there is no spot instance to lose on one machine): on a small run these
+    cut seconds of start-up and teardown. It keeps its dashboard (``dashboard=True``): Train
+    V2's placement-group cleaner and worker-group cleanup query the State API through it. A
+    cluster started with ``ray start`` keeps its own settings.
     """
     import ray
 
@@ -72,11 +72,13 @@ PRIVATE_RAY_ENV = {
 }
 
 # Ray Train V2's own settings (ray/train/v2/_internal/constants.py) for a private local Ray:
-# the controller notices a started or finished worker group within 0.2 s instead of 2 s, and
-# starts no preemption-watcher actor (one Python process fewer to start and stop).
+# the controller notices a started or finished worker group within 0.2 s instead of 2 s, starts
+# no preemption-watcher actor (one Python process fewer to start and stop), and exports no
+# Prometheus metrics (nothing scrapes a Ray that lives as long as one run).
 PRIVATE_RAY_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 
 
@@ -139,7 +141,12 @@ def build_trainer(
     use_gpu: bool,
     wandb_mode: str,
     resume_from: Path | None = None,
+    callbacks: list[Any] | None = None,
+    wandb_job_type: str = "train",
 ) -> Any:
+    """The TorchTrainer of one run. ``callbacks`` are Ray Train callbacks for its RunConfig (a
+    sweep's trial passes Tune's ``TuneReportCallback``); ``wandb_job_type`` is the W&B run's
+    job type (``trial`` in a sweep)."""
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -161,6 +168,7 @@ def build_trainer(
             "run_dir": str(run_dir),
             "wandb_mode": wandb_mode,
             "resume_from": str(resume_from) if resume_from else None,
+            "wandb_job_type": wandb_job_type,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers,
@@ -174,5 +182,6 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             # Ray Train's own INFO lines (checkpoints registered, worker groups) for --verbose.
             logging_config=LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
+            callbacks=callbacks,
         ),
     )

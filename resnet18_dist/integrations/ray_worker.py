@@ -126,7 +126,13 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     quiet_ray_train_logs(cfg.run.verbose)
     run_dir = Path(loop_config["run_dir"])
     runtime = RayTrainRuntime(cfg.run)
-    callbacks = wandb_callbacks(cfg, runtime, run_dir, loop_config.get("wandb_mode", "disabled"))
+    callbacks = wandb_callbacks(
+        cfg,
+        runtime,
+        run_dir,
+        loop_config.get("wandb_mode", "disabled"),
+        job_type=loop_config.get("wandb_job_type", "train"),
+    )
     resume_from = loop_config.get("resume_from")
     restored = ray.train.get_checkpoint()  # set when Ray restores the run or restarts a group
     if restored is not None:

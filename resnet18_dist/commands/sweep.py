@@ -1,0 +1,92 @@
+"""Sweep the training recipe with Ray Tune and ASHA; export the best trial.
+
+    python launch/sweep.py --num-samples 8 --max-epochs 10       # digits, local Ray
+    python launch/sweep.py --lr-range 0.01,0.5 --se-choices 0,16 --search optuna
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python launch/sweep.py --num-workers 2 --output-dir /shared/sweeps --name s1
+
+Searches the peak learning rate (log-uniform), weight decay (log-uniform), SE reduction (a
+choice) and, with --teacher, the distillation temperature (uniform); every other training option
+is fixed for all trials. ASHA stops hopeless trials by validation top-1 per epoch. Writes
+--output-dir/--name/: one run directory per trial, trials.csv, sweep.png and best/ (the best
+trial by validation top-1, exported). The same command again continues an interrupted sweep
+(finished trials are not rerun).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from resnet18_dist.cli import build_parser, parse_options
+from resnet18_dist.options import ConfigError
+from tuning.space import SweepConfig
+
+
+def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> int:
+    parser = build_parser(SweepConfig, __doc__, prog=prog)
+    cfg = parse_options(SweepConfig, parser, argv)
+
+    from resnet18_dist.commands.common import check_data
+    from resnet18_dist.config import RESUME_THIS_RUN
+    from resnet18_dist.integrations import wandb as wandb_adapter
+    from resnet18_dist.integrations.ray_train import check_resources, require_train_v2, start_ray
+    from resnet18_dist.logs import setup_logging
+    from tuning.sweep import (
+        SWEEP_CONFIG,
+        build_tuner,
+        check_search,
+        default_sweep_name,
+        finish_sweep,
+        plan_trials,
+    )
+
+    setup_logging()
+    started = time.time()
+    cfg.run.name = cfg.run.name or default_sweep_name()
+    sweep_dir = Path(cfg.run.output_dir).resolve() / cfg.run.name
+    # Everything that can be checked before Ray starts is checked here (exit code 2).
+    try:
+        require_train_v2()
+        check_search(cfg)
+        wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
+        check_data(cfg.train_config(), gpu_workers_possible=True)
+        if cfg.run.resume not in (None, RESUME_THIS_RUN):
+            raise ConfigError(
+                "--resume", "a sweep resumes itself: give --resume alone (or nothing)"
+            )
+        if cfg.run.resume == RESUME_THIS_RUN and not (sweep_dir / SWEEP_CONFIG).is_file():
+            raise ConfigError("--resume", f"{sweep_dir} holds no sweep to resume")
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if cfg.run.fresh and sweep_dir.exists():
+        moved = sweep_dir.with_name(f"{sweep_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        sweep_dir.rename(moved)
+        print(f"--fresh: the previous sweep is kept in {moved}", flush=True)
+    start_ray(cfg.run.address, cfg.run.verbose)  # with the dashboard: Train V2 needs its API
+    try:
+        use_gpu = check_resources(cfg.run)
+        plan = plan_trials(cfg, use_gpu)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    print(plan.describe(), flush=True)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not (sweep_dir / SWEEP_CONFIG).is_file():
+        cfg.dump_yaml(sweep_dir / SWEEP_CONFIG)
+    tuner, restored = build_tuner(cfg, sweep_dir, plan, use_gpu, wandb_mode)
+    print(
+        f"{'continuing' if restored else 'new'} sweep {sweep_dir}: {cfg.sweep.num_samples} "
+        f"trial(s) of up to {cfg.epochs} epoch(s), {cfg.sweep.search} search, ASHA on "
+        f"validation top-1",
+        flush=True,
+    )
+    grid = tuner.fit()
+    import ray
+
+    ray.shutdown()  # the export below runs in this process; Ray's CPUs are free again
+    return finish_sweep(cfg, grid, sweep_dir, wandb_mode, started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

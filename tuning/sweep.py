@@ -1,0 +1,410 @@
+"""The sweep's driver: plan the resources, run (or restore) the Tuner, write the trials table and
+picture, export the best trial.
+
+Layout of ``<output-dir>/<name>/``: Tune's experiment state and its own trial directories,
+one run directory per trial (``trial-NNNNN``, the layout of a ``launch/train.py`` run),
+``trials.csv``, ``sweep.png`` and ``best/`` (the export of the best trial by validation top-1,
+with ``trial.json``: its config and sampled values).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resnet18_dist.options import ConfigError
+from tuning.space import SEARCHED, SweepConfig, format_value, param_space
+from tuning.trial import METRIC, TIME_ATTR, run_trial, trial_run_name
+
+BEST_DIR = "best"
+TRIALS_CSV = "trials.csv"
+SWEEP_PNG = "sweep.png"
+SWEEP_CONFIG = "sweep_config.yaml"
+
+
+def default_sweep_name() -> str:
+    return time.strftime("sweep-%Y%m%d-%H%M%S")
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What one trial holds on the cluster, and how many fit at once."""
+
+    cpus: float  # its driver's CPU + its workers'
+    gpus: float
+    workers: int
+    cpus_per_worker: int
+    fits: int  # trials at once on the live nodes
+    concurrent: int  # what the sweep runs at once (--max-concurrent, capped by fits)
+    total_cpus: float
+    total_gpus: float
+
+    def describe(self) -> str:
+        gpu = f" and {self.gpus:g} GPU(s)" if self.gpus else ""
+        return (
+            f"Each trial needs {self.cpus:g} CPU(s){gpu}: 1 CPU for its Train driver + "
+            f"{self.workers} worker(s) x {self.cpus_per_worker} CPU"
+            f"{' + 1 GPU' if self.gpus else ''}. The cluster has {self.total_cpus:g} CPU(s)"
+            f"{f' and {self.total_gpus:g} GPU(s)' if self.gpus else ''}: {self.fits} trial(s) "
+            f"fit at once; running {self.concurrent} at once."
+        )
+
+
+def plan_trials(cfg: SweepConfig, use_gpu: bool) -> TrialPlan:
+    """Refuse (ConfigError, exit code 2) a sweep whose single trial cannot be placed."""
+    from resnet18_dist.integrations.ray_train import cluster_capacity
+
+    total, _per_node, gpus = cluster_capacity()
+    cpw = cfg.run.cpus_per_worker or 1
+    need = 1 + cfg.run.num_workers * cpw
+    need_gpus = cfg.run.num_workers if use_gpu else 0
+    fits = int(total // need)
+    if use_gpu:
+        fits = min(fits, int(gpus // need_gpus)) if need_gpus else fits
+    if fits < 1:
+        raise ConfigError(
+            "--num-workers",
+            f"one trial needs {need} CPUs (1 for its Train driver + {cfg.run.num_workers} "
+            f"worker(s) x {cpw} CPU), but the cluster has {total:g}; lower --num-workers or "
+            "--cpus-per-worker",
+        )
+    concurrent = min(cfg.sweep.max_concurrent or fits, fits)
+    return TrialPlan(need, need_gpus, cfg.run.num_workers, cpw, fits, concurrent, total, gpus)
+
+
+def check_search(cfg: SweepConfig) -> None:
+    if cfg.sweep.search == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError("--search", "optuna is not installed: pip install '.[optuna]'")
+
+
+def _search_alg(cfg: SweepConfig, concurrent: int) -> Any:
+    """Random search (seeded by --seed) or OptunaSearch, both limited to ``concurrent`` trials
+    at once: a trial started beyond what the cluster holds would keep its driver's CPU while its
+    workers wait for CPUs that never come."""
+    if cfg.sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=concurrent)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # max_concurrent_trials in TuneConfig does not apply to this generator; its own does.
+    return BasicVariantGenerator(random_state=cfg.run.seed, max_concurrent=concurrent)
+
+
+def build_tuner(
+    cfg: SweepConfig, sweep_dir: Path, plan: TrialPlan, use_gpu: bool, wandb_mode: str
+) -> tuple[Any, bool]:
+    """A new Tuner, or Tune's own restore of this sweep's directory (never another's: restore
+    unpickles its state). Returns (tuner, restored)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base = cfg.train_config().to_dict()
+    base["run"]["wandb_group"] = cfg.run.wandb_group or sweep_dir.name
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=base,
+            sweep_dir=str(sweep_dir),
+            use_gpu=use_gpu,
+            wandb_mode=wandb_mode,
+        ),
+        {"cpu": 1},
+    )
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        tuner = tune.Tuner.restore(
+            str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+        return tuner, True
+    scheduler = ASHAScheduler(
+        time_attr=TIME_ATTR,
+        max_t=cfg.epochs,
+        grace_period=cfg.sweep.grace_period,
+        reduction_factor=cfg.sweep.reduction_factor,
+        # A trial that reaches max_t ends by itself, after its test report (stopping it at
+        # max_t would lose the report).
+        stop_last_trials=False,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            scheduler=scheduler,
+            search_alg=_search_alg(cfg, plan.concurrent),
+            num_samples=cfg.sweep.num_samples,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_dir.name,
+            storage_path=str(sweep_dir.parent),
+            verbose=0 if cfg.run.quiet else 1,
+        ),
+    )
+    return tuner, False
+
+
+# ------------------------------------------------------------------------------ the results
+@dataclass
+class TrialRow:
+    trial: str
+    trial_id: str
+    sampled: dict[str, Any]
+    best_val_top1: float
+    epochs_run: int
+    stopped: bool  # stopped by ASHA (before its test report)
+    status: str
+    test_top1: float | None
+    wall_time_s: float
+    run_dir: Path
+    epochs_val: list[float]
+
+
+def collect_trials(grid: Any, sweep_dir: Path, epochs: int) -> list[TrialRow]:
+    """One row per trial from Tune's results (not from a log)."""
+    rows = []
+    for result in grid:
+        df = result.metrics_dataframe
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        per_epoch = None
+        if df is not None and len(df):
+            per_epoch = df[df["final"].isna()] if "final" in df.columns else df
+        vals: list[float] = []
+        done = 0
+        if per_epoch is not None and len(per_epoch) and METRIC in per_epoch.columns:
+            vals = [float(v) for v in per_epoch[METRIC].tolist()]
+            done = int(per_epoch[TIME_ATTR].max())
+        final = bool(metrics.get("final"))
+        if final:
+            done = int(metrics.get("epochs_run", done))
+        error = result.error is not None
+        status = "error" if error else ("finished" if final else "stopped")
+        rows.append(
+            TrialRow(
+                trial=trial_run_name(trial_id),
+                trial_id=trial_id,
+                sampled={k: result.config.get(k) for k in SEARCHED if k in result.config},
+                best_val_top1=max(vals) if vals else float("nan"),
+                epochs_run=done,
+                # ASHA is what ends a trial without its test report (at a rung, the last
+                # included: max_t can be a rung).
+                stopped=not error and not final,
+                status=status,
+                test_top1=metrics.get("test_top1") if final else None,
+                wall_time_s=float(metrics.get("time_total_s", float("nan"))),
+                run_dir=sweep_dir / trial_run_name(trial_id),
+                epochs_val=vals,
+            )
+        )
+    return sorted(rows, key=lambda r: r.trial)
+
+
+def write_trials_csv(rows: list[TrialRow], path: Path) -> None:
+    keys = sorted({k for r in rows for k in r.sampled}, key=list(SEARCHED).index)
+    header = [
+        "trial",
+        *keys,
+        "best_val_top1",
+        "epochs_run",
+        "stopped_by_asha",
+        "status",
+        "test_top1",
+        "wall_time_s",
+        "run_dir",
+    ]
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for r in rows:
+            w.writerow(
+                [
+                    r.trial,
+                    *[r.sampled.get(k, "") for k in keys],
+                    f"{r.best_val_top1:.4f}",
+                    r.epochs_run,
+                    r.stopped,
+                    r.status,
+                    "" if r.test_top1 is None else f"{r.test_top1:.4f}",
+                    f"{r.wall_time_s:.1f}",
+                    str(r.run_dir),
+                ]
+            )
+    tmp.replace(path)
+
+
+def trials_table(rows: list[TrialRow], best: TrialRow | None) -> str:
+    from resnet18_dist.compare import format_table
+
+    keys = sorted({k for r in rows for k in r.sampled}, key=list(SEARCHED).index)
+    header = ["trial", *keys, "best val top-1", "epochs", "status", "test top-1", "wall s"]
+    table = []
+    for r in rows:
+        table.append(
+            [
+                r.trial + (" *" if best is not None and r.trial == best.trial else ""),
+                *[format_value(k, r.sampled.get(k, "")) for k in keys],
+                "-" if math.isnan(r.best_val_top1) else f"{r.best_val_top1:.4f}",
+                str(r.epochs_run),
+                "stopped by ASHA" if r.stopped else r.status,
+                "-" if r.test_top1 is None else f"{r.test_top1:.4f}",
+                f"{r.wall_time_s:.0f}",
+            ]
+        )
+    return format_table(header, table)
+
+
+SHORT = {"lr": "lr", "weight_decay": "wd", "se_reduction": "se", "temperature": "T"}
+
+
+def plot_sweep(rows: list[TrialRow], path: Path) -> None:
+    """Validation top-1 per epoch, one line per trial (read with compare's run reader); a trial
+    ASHA stopped is dashed and ends in a cross where it was cut short."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    from resnet18_dist.atomic import atomic_write
+    from resnet18_dist.compare import CompareError, load_run
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, r in enumerate(rows):
+        try:
+            rec = load_run(r.run_dir)
+        except CompareError:
+            continue
+        xs = [e["epoch"] + 1 for e in rec.epochs]
+        ys = [e.get("val_top1") for e in rec.epochs]
+        values = " ".join(f"{SHORT[k]}={format_value(k, v)}" for k, v in r.sampled.items())
+        label = f"{r.trial} {values}" + (" (stopped by ASHA)" if r.stopped else "")
+        color = f"C{i % 10}"
+        ax.plot(xs, ys, ls="--" if r.stopped else "-", marker="o", ms=4, color=color, label=label)
+        if r.stopped and xs:
+            ax.plot(xs[-1], ys[-1], marker="x", ms=12, mew=2.5, color=color)
+    ax.set(title="Sweep: validation top-1 per trial", xlabel="epoch", ylabel="val top-1")
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)
+
+
+def pick_best(rows: list[TrialRow]) -> TrialRow | None:
+    """By validation top-1, never by test."""
+    ok = [r for r in rows if not math.isnan(r.best_val_top1) and r.status != "error"]
+    return max(ok, key=lambda r: r.best_val_top1) if ok else None
+
+
+def export_best(
+    cfg: SweepConfig, best: TrialRow, sweep_dir: Path, wandb_mode: str, group: str
+) -> dict[str, Any]:
+    """The best trial's best-validation weights through the export pipeline into best/, with
+    the trial's config and sampled values beside them."""
+    from resnet18_dist.export.pipeline import ExportOptions, export_artifacts
+    from resnet18_dist.integrations.wandb import log_export
+
+    out = sweep_dir / BEST_DIR
+    opts = ExportOptions(
+        checkpoint=str(best.run_dir),
+        out=str(out),
+        max_int8_drop=cfg.sweep.max_int8_drop,
+        latency_iters=50,
+        throughput_seconds=1.0,
+        wandb_mode="disabled",
+        quiet=True,
+    )
+    report = export_artifacts(opts)
+    trial_report = best.run_dir / "report.json"
+    info = {
+        "trial": best.trial,
+        "trial_id": best.trial_id,
+        "run_dir": str(best.run_dir),
+        "sampled": best.sampled,
+        "best_val_top1": best.best_val_top1,
+        "epochs_run": best.epochs_run,
+        "stopped_by_asha": best.stopped,
+    }
+    if trial_report.is_file():
+        t = json.loads(trial_report.read_text())
+        info["test"] = {
+            k: v for k, v in t.items() if k.startswith("test_") and k != "test_confusion"
+        }
+    (out / "trial.json").write_text(json.dumps(info, indent=1))
+    if (best.run_dir / "config.yaml").is_file():
+        shutil.copy(best.run_dir / "config.yaml", out / "trial_config.yaml")
+    log_export(
+        report,
+        out,
+        mode=wandb_mode,
+        project=cfg.run.wandb_project,
+        name=f"export-{group}",
+        group=group,
+    )
+    return report
+
+
+def finish_sweep(
+    cfg: SweepConfig, grid: Any, sweep_dir: Path, wandb_mode: str, started: float
+) -> int:
+    from resnet18_dist.export.report import render_markdown
+
+    rows = collect_trials(grid, sweep_dir, cfg.epochs)
+    best = pick_best(rows)
+    write_trials_csv(rows, sweep_dir / TRIALS_CSV)
+    plot_sweep(rows, sweep_dir / SWEEP_PNG)
+    print(trials_table(rows, best), flush=True)
+    stopped = sum(r.stopped for r in rows)
+    print(
+        f"{len(rows)} trial(s), {stopped} stopped early by ASHA, "
+        f"{sum(r.status == 'error' for r in rows)} failed; sweep wall time "
+        f"{time.time() - started:.0f} s",
+        flush=True,
+    )
+    print(f"trials: {sweep_dir / TRIALS_CSV}\npicture: {sweep_dir / SWEEP_PNG}", flush=True)
+    if best is None:
+        print("error: no trial reported a validation top-1; nothing to export", file=sys.stderr)
+        return 1
+    print(
+        f"best trial (by validation top-1): {best.trial} "
+        f"val top-1 {best.best_val_top1:.4f}"
+        + ("" if best.test_top1 is None else f", test top-1 {best.test_top1:.4f}"),
+        flush=True,
+    )
+    from resnet18_dist.atomic import WriteError
+    from resnet18_dist.checkpoint_file import CheckpointError
+    from resnet18_dist.data.manifest import DatasetError
+    from resnet18_dist.export.pipeline import ExportError
+
+    group = cfg.run.wandb_group or sweep_dir.name
+    try:
+        report = export_best(cfg, best, sweep_dir, wandb_mode, group)
+    except (CheckpointError, DatasetError, ExportError, WriteError) as exc:
+        print(f"error: exporting the best trial failed: {exc}", file=sys.stderr)
+        return 1
+    if not cfg.run.quiet:
+        print(render_markdown(report))
+    print(f"best trial exported to {sweep_dir / BEST_DIR}", flush=True)
+    checks = report["checks"]
+    if not checks["int8_ok"]:
+        print(
+            f"error: INT8 loses {checks['int8_top1_drop']:.2f} points of test top-1 against "
+            f"FP32, more than --max-int8-drop {checks['max_int8_drop']:g}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
