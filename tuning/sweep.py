@@ -87,6 +87,28 @@ def check_search(cfg: SweepConfig) -> None:
             raise ConfigError("--search", "optuna is not installed: pip install '.[optuna]'")
 
 
+def asha_scheduler(epochs: int, grace_period: int, reduction_factor: int) -> Any:
+    """ASHA whose rungs all lie before the last epoch.
+
+    ASHA places rungs at grace x rf^k up to and including ``max_t``; a rung at the last epoch
+    would stop a trial that has trained every epoch before its test report and model.pt. So
+    ``max_t`` is the epoch before the last, and a trial that passes every rung ends by itself
+    (``stop_last_trials=False``). With the grace period at the last epoch there is nothing to
+    compare early, and no trial is stopped.
+    """
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if grace_period >= epochs:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=TIME_ATTR,
+        max_t=epochs - 1,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        stop_last_trials=False,
+    )
+
+
 def _search_alg(cfg: SweepConfig, concurrent: int) -> Any:
     """Random search (seeded by --seed) or OptunaSearch, both limited to ``concurrent`` trials
     at once: a trial started beyond what the cluster holds would keep its driver's CPU while its
@@ -108,7 +130,6 @@ def build_tuner(
     """A new Tuner, or Tune's own restore of this sweep's directory (never another's: restore
     unpickles its state). Returns (tuner, restored)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     base = cfg.train_config().to_dict()
     base["run"]["wandb_group"] = cfg.run.wandb_group or sweep_dir.name
@@ -127,15 +148,7 @@ def build_tuner(
             str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
         return tuner, True
-    scheduler = ASHAScheduler(
-        time_attr=TIME_ATTR,
-        max_t=cfg.epochs,
-        grace_period=cfg.sweep.grace_period,
-        reduction_factor=cfg.sweep.reduction_factor,
-        # A trial that reaches max_t ends by itself, after its test report (stopping it at
-        # max_t would lose the report).
-        stop_last_trials=False,
-    )
+    scheduler = asha_scheduler(cfg.epochs, cfg.sweep.grace_period, cfg.sweep.reduction_factor)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(cfg),

@@ -60,16 +60,21 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
             raise ConfigError("--resume", f"{sweep_dir} holds no sweep to resume")
     except ConfigError as exc:
         parser.error(str(exc))
-    if cfg.run.fresh and sweep_dir.exists():
-        moved = sweep_dir.with_name(f"{sweep_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-        sweep_dir.rename(moved)
-        print(f"--fresh: the previous sweep is kept in {moved}", flush=True)
     start_ray(cfg.run.address, cfg.run.verbose)  # with the dashboard: Train V2 needs its API
     try:
         use_gpu = check_resources(cfg.run)
         plan = plan_trials(cfg, use_gpu)
     except ConfigError as exc:
         parser.error(str(exc))
+    # Only once the cluster can run it: --fresh moves the old sweep aside.
+    if cfg.run.fresh and sweep_dir.exists():
+        moved = sweep_dir.with_name(f"{sweep_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while moved.exists():
+            n += 1
+            moved = moved.with_name(f"{sweep_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        sweep_dir.rename(moved)
+        print(f"--fresh: the previous sweep is kept in {moved}", flush=True)
     print(plan.describe(), flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not (sweep_dir / SWEEP_CONFIG).is_file():
@@ -85,6 +90,14 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     import ray
 
     ray.shutdown()  # the export below runs in this process; Ray's CPUs are free again
+    if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < cfg.sweep.num_samples:
+        # Tune returns normally on Ctrl-C: a partial sweep is neither summarised nor exported.
+        print(
+            f"error: the sweep was interrupted ({grid.num_terminated} of "
+            f"{cfg.sweep.num_samples} trial(s) done); run the same command again to continue it",
+            file=sys.stderr,
+        )
+        return 1
     return finish_sweep(cfg, grid, sweep_dir, wandb_mode, started)
 
 
