@@ -21,12 +21,41 @@ SWEEP = str(REPO / "launch" / "sweep.py")
 
 
 # ------------------------------------------------------------------------------ bad input
+def test_asha_rungs_end_before_the_last_epoch() -> None:
+    """A rung at the last epoch would stop a trial that trained every epoch before its test
+    report; with the grace period at the last epoch there is nothing to stop."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from tuning.sweep import asha_scheduler
+
+    for epochs, grace, rf in ((2, 1, 2), (3, 1, 2), (4, 1, 2), (16, 1, 2), (9, 1, 3), (8, 2, 2)):
+        rungs = [r[0] for r in asha_scheduler(epochs, grace, rf)._brackets[0]._rungs]
+        assert rungs and max(rungs) < epochs and min(rungs) == grace, (epochs, rungs)
+    assert isinstance(asha_scheduler(2, 2, 2), FIFOScheduler)
+
+
+def test_the_best_trial_is_chosen_by_validation_never_by_test(tmp_path: Path) -> None:
+    from tuning.sweep import TrialRow, pick_best
+
+    def row(name: str, val: float, test: float | None, status: str = "finished") -> TrialRow:
+        return TrialRow(name, name, {}, val, 3, False, status, test, 1.0, tmp_path, [val])
+
+    rows = [
+        row("a", 0.90, 0.99),  # best on test, not on validation
+        row("b", 0.95, 0.80),  # best on validation
+        row("c", 0.97, None, status="error"),  # errored: never chosen
+        row("d", float("nan"), None, status="stopped"),
+    ]
+    assert pick_best(rows).trial == "b"
+
+
 @pytest.mark.parametrize(
     ("args", "option"),
     [
         (["--lr-range", "0.5,0.1"], "--lr-range"),
         (["--lr-range", "0.1,0.1"], "--lr-range"),
         (["--lr-range", "0,0.1"], "--lr-range"),
+        (["--lr-range", "0.001,inf"], "--lr-range"),
         (["--wd-range=-1e-4,1e-3"], "--wd-range"),
         (["--lr-range", "0.1"], "--lr-range"),
         (["--se-choices", ""], "--se-choices"),
@@ -41,12 +70,11 @@ SWEEP = str(REPO / "launch" / "sweep.py")
 def test_bad_sweep_options_exit_2_naming_the_option_before_ray(
     args: list[str], option: str, tmp_path: Path
 ) -> None:
-    t = time.perf_counter()
     proc = launch("sweep", *args, "--output-dir", str(tmp_path), timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"error: {option}:" in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
-    assert "Ray" not in proc.stdout and time.perf_counter() - t < 30  # Ray never started
+    assert "Ray" not in proc.stdout  # refused before Ray started
 
 
 def test_sweep_config_overrides_and_trial_values() -> None:

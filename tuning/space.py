@@ -38,6 +38,8 @@ SEARCHED = {
 
 def _check_range(name: str, value: tuple[float, float], log: bool) -> None:
     low, high = value
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(flag(name), f"bounds must be finite numbers (got {low:g},{high:g})")
     if log and low <= 0:
         raise ConfigError(flag(name), f"log-uniform bounds must be > 0 (got {low:g},{high:g})")
     if low >= high:

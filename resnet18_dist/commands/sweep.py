@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
 
     setup_logging()
     started = time.time()
-    cfg.run.name = cfg.run.name or default_sweep_name()
+    if not cfg.run.name:  # a timestamp; a second sweep in the same second gets a suffix
+        name, n = default_sweep_name(), 1
+        while (Path(cfg.run.output_dir) / (name if n == 1 else f"{name}-{n}")).exists():
+            n += 1
+        cfg.run.name = name if n == 1 else f"{name}-{n}"
     sweep_dir = Path(cfg.run.output_dir).resolve() / cfg.run.name
     # Everything that can be checked before Ray starts is checked here (exit code 2).
     try:
