@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data-dir", default=None, help="Prepared dataset (default: digits).")
     parser.add_argument("--image-size", type=int, default=0, help="0 = the data's native size.")
-    parser.add_argument("--augment", default="auto", choices=("auto", "seed", "cifar", "none"))
+    parser.add_argument(
+        "--augment",
+        default="auto",
+        choices=("auto", "seed", "cifar", "trivialaugment", "autoaugment", "none"),
+    )
     parser.add_argument("--threads", type=int, default=2, help="DALI threads = loader workers.")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=50, help="Timed batches per run.")
@@ -39,8 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Also time training steps fed by each backend vs compute only.",
     )
+    parser.add_argument(
+        "--dali-prefetch",
+        default="2",
+        help="DALI prefetch queue depths, comma-separated: the first is the `dali` row, each "
+        "other one more row, all in the same alternation.",
+    )
     parser.add_argument("--json", default=None, help="Also write the results to this file.")
     args = parser.parse_args(argv)
+    depths = [int(d) for d in args.dali_prefetch.split(",")]
 
     import torch
 
@@ -82,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         dataset = ShardDataset(manifest, "train", train_transform(policy), policy.image_size)
         return TorchvisionLoader(dataset, settings, train=True)
 
-    def dali_loader():
+    def dali_loader(prefetch: int = depths[0]):
+        import dataclasses
+
         from resnet18_dist.data.dali import DaliLoader
 
-        return DaliLoader(manifest, "train", policy, settings, train=True)
+        depth = dataclasses.replace(settings, prefetch=prefetch)
+        return DaliLoader(manifest, "train", policy, depth, train=True)
 
     def sync() -> None:
         if gpu:
@@ -123,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return seen / elapsed
 
     backends = {"torchvision": torchvision_loader, "dali": dali_loader}
+    for d in depths[1:]:
+        backends[f"dali-prefetch{d}"] = lambda d=d: dali_loader(d)
     results: dict[str, list[float]] = {name: [] for name in backends}
     for _ in range(args.repeats):
         for name, make in backends.items():
@@ -142,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             + ")"
         )
     print(f"  ratio dali/torchvision: {summary['dali'] / summary['torchvision']:.2f}")
+    for d in depths[1:]:
+        ratio = summary[f"dali-prefetch{d}"] / summary["dali"]
+        print(f"  ratio dali prefetch {d} / prefetch {depths[0]}: {ratio:.2f}")
     out = {
         "machine": machine_description(args.threads),
         "device": str(device),
@@ -149,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "augment": policy.augment,
         "batch_size": args.batch_size,
         "threads": args.threads,
+        "dali_prefetch": depths,
         "loader": summary,
     }
 

@@ -11,6 +11,7 @@ started under accelerate resumes under Ray and back.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import re
@@ -18,6 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from resnet18_dist import storage
 from resnet18_dist.atomic import atomic_write
 
 # torch is imported where a checkpoint is read or written: finding one (the run-name rule, in a
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
+SOURCE_FILE = "source.txt"  # next to a checkpoint fetched from object storage: its URI
 # 1: the first release. 2: the lr schedule's position is kept in epochs (format 1 files load:
 # their fields are a subset).
 FORMAT_VERSION = 2
@@ -48,7 +51,10 @@ def write_checkpoint(state: dict[str, Any], directory: Path) -> Path:
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, a checkpoint directory, or a run directory (its latest checkpoint)."""
+    """A checkpoint file, a checkpoint directory, or a run directory (its latest checkpoint);
+    on object storage (``s3://...``) the one file is fetched into the local cache first."""
+    if storage.is_remote(path):
+        return fetch_remote_checkpoint(str(path))
     p = Path(path)
     if p.is_file():
         return p
@@ -60,6 +66,51 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
             return found
         raise CheckpointError(f"{p}: no {CHECKPOINT_FILE} in it or in any checkpoint_* directory")
     raise CheckpointError(f"{p}: no such checkpoint file or directory")
+
+
+def latest_remote_checkpoint(run_uri: str) -> str | None:
+    """The ``checkpoint_*/checkpoint.pt`` with the highest epoch under a remote run directory.
+    An object is published whole, so no completeness check is needed here."""
+    found = [
+        f
+        for f in storage.list_files(run_uri)
+        if f.count("/") == 1 and f.startswith("checkpoint_") and f.endswith("/" + CHECKPOINT_FILE)
+    ]
+    if not found:
+        return None
+    newest = max(found, key=lambda f: checkpoint_epoch(Path(f).parent))
+    return storage.join(run_uri, newest)
+
+
+def fetch_remote_checkpoint(uri: str) -> Path:
+    """Download the checkpoint named by a remote file, checkpoint directory or run directory
+    into the local cache (keyed by its URI); returns the local file."""
+    from resnet18_dist.cache import cache_root
+
+    if uri.rstrip("/").endswith("/" + CHECKPOINT_FILE):
+        source = uri
+    elif storage.exists(storage.join(uri, CHECKPOINT_FILE)):
+        source = storage.join(uri, CHECKPOINT_FILE)
+    else:
+        source = latest_remote_checkpoint(uri)
+        if source is None:
+            if not storage.exists(uri):
+                raise CheckpointError(f"{uri}: no such checkpoint file or directory")
+            raise CheckpointError(
+                f"{uri}: no {CHECKPOINT_FILE} in it or in any checkpoint_* directory"
+            )
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    local = cache_root() / "remote-checkpoints" / key / CHECKPOINT_FILE
+    marker = local.parent / SOURCE_FILE
+    try:
+        stamp = f"{source}\n{storage.version(source)}"
+        if not (local.is_file() and marker.is_file() and marker.read_text() == stamp):
+            storage.download(source, local)
+    except storage.StorageError as exc:
+        raise CheckpointError(str(exc)) from exc
+    # What messages and metadata name; the same object is not downloaded twice.
+    marker.write_text(stamp)
+    return local
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -123,10 +174,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{p}: checkpoint format {version!r}; this resnet18-dist reads formats "
             f"{', '.join(map(str, READABLE_VERSIONS))} (was it written by a newer release?)"
         )
-    state["_path"] = str(p)
+    source = p.parent / SOURCE_FILE
+    state["_path"] = (
+        source.read_text().splitlines()[0]
+        if storage.is_remote(str(path)) and source.is_file()
+        else str(p)
+    )
     return state
 
 
 def best_model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Weights of the best validation epoch (the current ones when that epoch is the latest)."""
-    return state.get("best_model") or state["model"]
+    """Weights of the best validation epoch (the current ones when that epoch is the latest:
+    the weight average's, when the run kept one with --ema-decay)."""
+    ema = state.get("ema")
+    return state.get("best_model") or (ema["model"] if ema else None) or state["model"]

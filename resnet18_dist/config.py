@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from resnet18_dist.options import ConfigError, Options, check, flag, opt
+from resnet18_dist.storage import is_remote
 
 __all__ = [
     "ConfigError",
@@ -25,7 +27,7 @@ __all__ = [
     "parse_freeze",
 ]
 
-AUGMENT_POLICIES = ("auto", "seed", "cifar", "none")
+AUGMENT_POLICIES = ("auto", "seed", "cifar", "trivialaugment", "autoaugment", "none")
 BACKENDS = ("auto", "torchvision", "dali")
 STEMS = ("auto", "imagenet", "cifar")
 SE_REDUCTIONS = (0, 4, 8, 16, 32)
@@ -48,9 +50,19 @@ class DataConfig(Options):
     augment: str = opt(
         "auto",
         "Training augmentation policy: seed (flip, rotate 15, jitter 0.2), cifar (reflect-pad "
-        "4 px at 32 px, scaled with size, + random crop + flip), none. auto = the dataset's "
-        "hint if it has one (digits: none), else cifar for images <= 64 px, else seed.",
+        "4 px at 32 px, scaled with size, + random crop + flip), trivialaugment / autoaugment "
+        "(cifar's crop + flip for images <= 64 px, else flip; then TrivialAugmentWide, or the "
+        "AutoAugment policy: CIFAR-10's for images <= 64 px, else ImageNet's), none. auto = "
+        "the dataset's hint if it has one (digits: none), else cifar for images <= 64 px, else "
+        "seed.",
         choices=AUGMENT_POLICIES,
+    )
+    random_erasing: float = opt(
+        0.0,
+        "Probability of erasing a random square of half the image's side (16 px at 32 px: "
+        "Cutout) to the mean colour, after the policy, in training. 0 = off.",
+        ge=0,
+        le=1,
     )
     batch_size: int = opt(
         64, "Training batch size per worker (global batch = this x workers).", ge=2
@@ -64,6 +76,20 @@ class DataConfig(Options):
         "Data loader: dali (GPU decode + augmentation), torchvision, or auto (DALI when CUDA "
         "and DALI are both present).",
         choices=BACKENDS,
+    )
+    dali_prefetch: int = opt(
+        2,
+        "DALI: batches the pipeline prepares ahead of the training step (prefetch_queue_depth; "
+        "2 is DALI's default: one batch in use, one being made).",
+        ge=1,
+    )
+    hw_decoder_load: float = opt(
+        0.65,
+        "DALI on a GPU: the share of JPEG decoding given to the hardware decoder (A100, H100, "
+        "H200), the rest to CUDA nvJPEG; 0.65 is DALI's default. No effect on CPU or GPUs "
+        "without one.",
+        ge=0,
+        le=1,
     )
     verify_shards: str = opt(
         "auto",
@@ -156,6 +182,46 @@ class ModelConfig(Options):
             )
 
 
+RECIPE_NAMES = ("none", "cifar")
+# Each recipe: section -> option -> value, applied under whatever the user gave (from_dict).
+RECIPES: dict[str, dict[str, dict[str, object]]] = {
+    "cifar": {
+        "data": {
+            "augment": "trivialaugment",
+            "random_erasing": 1.0,
+            "batch_size": 512,
+            "eval_batch_size": 1024,
+        },
+        "optim": {
+            "epochs": 150,
+            "lr": 0.2,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "warmup_epochs": 5.0,
+            "min_lr": 0.0,
+            "label_smoothing": 0.1,
+            "ema_decay": 0.999,
+            "patience": 0,
+        },
+    },
+}
+
+
+def apply_recipe(raw: dict[str, object]) -> dict[str, object]:
+    """``raw`` (a TrainConfig mapping) with its recipe's values filled in where it gives none."""
+    optim = raw.get("optim")
+    name = optim.get("recipe") if isinstance(optim, dict) else None
+    preset = RECIPES.get(name) if isinstance(name, str) else None
+    if not preset:
+        return raw
+    out = dict(raw)
+    for section, values in preset.items():
+        given = out.get(section)
+        given = dict(given) if isinstance(given, dict) else {}
+        out[section] = {**values, **given}
+    return out
+
+
 @dataclass
 class OptimConfig(Options):
     epochs: int = opt(
@@ -179,6 +245,22 @@ class OptimConfig(Options):
         "Learning rate of everything but the head (differential fine-tuning, e.g. 0.001 with "
         "--lr 0.1 for the head). Default: --lr for all.",
         gt=0,
+    )
+    ema_decay: float = opt(
+        0.0,
+        "Keep an exponential moving average of the weights and BatchNorm statistics with this "
+        "decay per step (warmed up as min(d, (1 + n) / (10 + n)) after n steps); validation, "
+        "the test report, model.pt and the export then use the averaged weights. 0 = off.",
+        ge=0,
+        lt=1,
+    )
+    recipe: str = opt(
+        "none",
+        "A named preset of data and optimisation options (see README, Recipes); options given "
+        "explicitly (flags or --config) override it. cifar: trivialaugment + Cutout, batch 512, "
+        "lr 0.2, 5 warm-up epochs + cosine over 150, weight decay 5e-4, label smoothing 0.1, "
+        "EMA 0.999, no early stopping.",
+        choices=RECIPE_NAMES,
     )
 
     def validate(self) -> None:
@@ -242,15 +324,41 @@ class DistillConfig(Options):
 
 AMP_MODES = ("auto", "bf16", "off")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+PLACEMENTS = ("pack", "spread")
 RESUME_THIS_RUN = "this"  # `--resume` alone: the run named by --output-dir / --name
 
 
 @dataclass
 class RunConfig(Options):
     name: str = opt("", "Run name (directory under --output-dir). Default: a timestamp.")
-    output_dir: str = opt("runs", "Where run directories are created (Ray's storage_path).")
+    output_dir: str = opt(
+        "runs",
+        "Where run directories are created (Ray's storage_path): a local or shared path, or "
+        "object storage, s3://bucket/prefix or gs://bucket/prefix (Ray launcher only; "
+        "AWS_ENDPOINT_URL for an S3-compatible store).",
+    )
     seed: int = opt(0, "Seed for initialisation, shuffling and augmentation.")
-    num_workers: int = opt(1, "Number of Ray Train (DDP) workers.", ge=1)
+    num_workers: str = opt(
+        "1",
+        "Ray Train (DDP) workers: N, or MIN:MAX for an elastic run, which starts once MIN fit, "
+        "continues with fewer after a lost worker (from the last checkpoint) and grows back "
+        "towards MAX as capacity returns. The global batch stays --batch-size x MAX: each "
+        "worker's batch is that divided by the current worker count, so the lr and its "
+        "schedule hold.",
+        metavar="N|MIN:MAX",
+    )
+    resize_interval_s: float = opt(
+        60.0,
+        "Elastic runs: how often Ray Train checks whether more workers fit (a resize restarts "
+        "the group from the last checkpoint).",
+        gt=0,
+    )
+    placement: str = opt(
+        "pack",
+        "Ray Train placement of the workers: pack (as few nodes as possible: DDP traffic stays "
+        "on a node) or spread (one per node where possible: a lost node takes fewer workers).",
+        choices=PLACEMENTS,
+    )
     cpus_per_worker: int | None = opt(
         None,
         "CPUs per training worker: Ray reserves this many for each worker, and a worker on CPU "
@@ -268,6 +376,12 @@ class RunConfig(Options):
     )
     channels_last: str = opt(
         "auto", "channels_last memory format: on, off, auto (on for CUDA).", choices=TRISTATE
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile the model's training step (and the teacher's forward when distilling). "
+        "Where compiling fails (no C++ compiler, an unsupported platform) it warns once and "
+        "trains eagerly.",
     )
     resume: str | None = opt(
         None,
@@ -302,13 +416,42 @@ class RunConfig(Options):
     quiet: bool = opt(False, "No progress bars (for logs).")
     verbose: bool = opt(False, "Show Ray's own INFO lines (reports, checkpoints, workers).")
 
+    def worker_range(self) -> tuple[int, int]:
+        """(MIN, MAX) workers; MIN == MAX for a fixed-size run."""
+        text = str(self.num_workers).strip()
+        try:
+            parts = [int(x) for x in text.split(":")]
+        except ValueError:
+            parts = []
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+            raise ConfigError(
+                "--num-workers", f"expected N or MIN:MAX with 1 <= MIN <= MAX (got {text!r})"
+            )
+        return parts[0], parts[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.worker_range()[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range()[1]
+
+    @property
+    def elastic(self) -> bool:
+        low, high = self.worker_range()
+        return low < high
+
     def validate(self) -> None:
+        self.worker_range()  # raises naming --num-workers
         check(
             "/" not in self.name and self.name not in (".", ".."),
             "name",
             f"must be a plain directory name (got {self.name!r})",
         )
-        if self.resume not in (None, RESUME_THIS_RUN):
+        if self.resume not in (None, RESUME_THIS_RUN) and not is_remote(self.resume):
             check(os.path.exists(self.resume), "resume", f"{self.resume} does not exist")
         check(
             not (self.fresh and self.resume == RESUME_THIS_RUN),
@@ -324,3 +467,8 @@ class TrainConfig(Options):
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "--config") -> Any:
+        """As Options.from_dict, with ``--recipe``'s presets under the given values."""
+        return super().from_dict(apply_recipe(raw) if isinstance(raw, dict) else raw, where)

@@ -34,19 +34,24 @@ def orientation(img: Image.Image) -> int:
         return 1
 
 
-def decode_upright(data: bytes, max_pixels: int | None = None) -> Image.Image:
+def decode_upright(
+    data: bytes, max_pixels: int | None = None, formats: tuple[str, ...] | None = None
+) -> Image.Image:
     """Decode ``data`` completely (a truncated file fails here) and apply its EXIF orientation.
 
     ``max_pixels`` refuses, from the header alone, an image declaring more pixels than that;
-    PIL's own decompression-bomb guard (about 179 megapixels) applies in any case.
+    PIL's own decompression-bomb guard (about 179 megapixels) applies in any case. ``formats``
+    (PIL format names such as ``("JPEG", "PNG")``) limits the decoders PIL tries.
     """
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=list(formats) if formats else None)
     except Image.DecompressionBombError as exc:  # not an OSError: it must be caught by name
         raise ImageTooLarge(f"image too large ({exc})") from exc
     except UnidentifiedImageError as exc:
+        if formats:
+            raise BadImage(f"not a {' or '.join(formats)} image") from exc
         raise BadImage("not an image PIL can identify") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"cannot decode: {exc}") from exc

@@ -5,6 +5,7 @@ what failed and where the intact checkpoints are."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from resnet18_dist.checkpoint_file import load_checkpoint
+from resnet18_dist.checkpoint_file import checkpoint_epoch, latest_checkpoint_in, load_checkpoint
 
-from .conftest import REPO
+from .conftest import REPO, train_args
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -127,3 +128,46 @@ def test_killed_worker_without_retries_is_a_clear_error_and_keeps_checkpoints(
     state = load_checkpoint(run_dir)
     assert state["loop"]["epoch"] >= 1 and "model" in state
     assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_killed_driver_is_resumed_by_running_the_same_command_again(
+    digits_dataset: Path, tmp_path: Path
+) -> None:
+    """The process running launch/train.py dies (SIGKILL: a lost laptop session, a killed
+    job): the same command again resumes from the newest complete checkpoint, no flag needed."""
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/train.py"),
+        *("--data-dir", str(digits_dataset), "--epochs", "5"),
+        *train_args(tmp_path, "driver", 2),
+    ]
+    run_dir = tmp_path / "driver"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 600
+        while not (run_dir / "checkpoint_epoch0002" / "checkpoint.pt").is_file():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        family = psutil.Process(first.pid).children(recursive=True)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    # Its private Ray shares its fate; wait for it so the rerun starts on a quiet machine.
+    _, alive = psutil.wait_procs(family, timeout=60)
+    for p in alive:
+        p.kill()
+    done = checkpoint_epoch(latest_checkpoint_in(run_dir).parent)
+    assert 2 <= done < 5, done
+    assert not (run_dir / "report.json").exists()
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert f"resuming unfinished run {run_dir} at epoch {done + 1} of 5" in out, out[-3000:]
+    # Epochs before the checkpoint are not trained again; the rest are, once each.
+    trained = [int(e) for e in re.findall(r"epoch (\d+)/5: train loss", out)]
+    assert trained == list(range(done + 1, 6)), trained
+    assert _epochs_logged(run_dir) == [0, 1, 2, 3, 4]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["epochs_run"] == 5 and report["test_samples"] == 360
+    assert load_checkpoint(run_dir)["loop"]["epoch"] == 5

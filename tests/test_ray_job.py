@@ -5,74 +5,28 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import REPO, launch, train_args
+from .ray_cluster import RAY, LoopbackCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict]]:
-    """A one-node cluster with 2 CPUs and the job server, token auth on (Ray's default)."""
-    if shutil.which(RAY) is None:
-        pytest.skip("the `ray` CLI is not installed next to this Python")
-    tmp = tmp_path_factory.mktemp("ray")
-    token = tmp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        # Explicit mode and token file: the same on a fresh CI machine and on a laptop that
-        # already has ~/.ray/auth_token from an earlier local ray.init().
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    dash = _free_port()
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(_free_port()),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--num-cpus",
-            "2",
-            "--include-dashboard",
-            "true",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
+    """A one-node cluster with 2 CPUs and the job server, token auth on (Ray's default):
+    (the job server's address, the environment that carries the token)."""
+    cluster = LoopbackCluster(tmp_path_factory.mktemp("ray"))
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        cluster.start_head(cpus=2)
+        yield cluster.dashboard, cluster.env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        cluster.shutdown()
 
 
 def test_ray_job_submit_trains_digits_with_two_ddp_workers(

@@ -5,11 +5,13 @@ import re
 import pytest
 
 from resnet18_dist.cli import options_markdown
+from resnet18_dist.commands.benchmark import BenchmarkOptions
 from resnet18_dist.commands.compare import CompareOptions
 from resnet18_dist.commands.predict import PredictOptions
 from resnet18_dist.config import TrainConfig
 from resnet18_dist.data.prepare import PrepareOptions
 from resnet18_dist.export.pipeline import ExportOptions
+from resnet18_dist.serve.options import ServeOptions
 from tuning.space import SweepOptions
 
 from .conftest import REPO
@@ -19,8 +21,10 @@ TABLES = {
     "prepare": PrepareOptions,
     "export": ExportOptions,
     "predict": PredictOptions,
+    "serve": ServeOptions,
     "compare": CompareOptions,
     "sweep": SweepOptions,
+    "benchmark": BenchmarkOptions,
 }
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, launch
-from .test_ray_job import RAY, ray_head  # noqa: F401  (a `ray start --head` cluster fixture)
+from .ray_cluster import RAY
+from .test_ray_job import ray_head  # noqa: F401  (a `ray start --head` cluster fixture)
 
 SWEEP = str(REPO / "launch" / "sweep.py")
 

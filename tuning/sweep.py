@@ -63,23 +63,29 @@ def plan_trials(cfg: SweepConfig, use_gpu: bool) -> TrialPlan:
 
     total, _per_node, gpus = cluster_capacity()
     cpw = cfg.run.cpus_per_worker or 1
-    need = 1 + cfg.run.num_workers * cpw
-    need_gpus = cfg.run.num_workers if use_gpu else 0
+    need = 1 + cfg.run.max_workers * cpw
+    need_gpus = cfg.run.max_workers if use_gpu else 0
     fits = int(total // need)
     if use_gpu:
         fits = min(fits, int(gpus // need_gpus)) if need_gpus else fits
     if fits < 1:
         raise ConfigError(
             "--num-workers",
-            f"one trial needs {need} CPUs (1 for its Train driver + {cfg.run.num_workers} "
+            f"one trial needs {need} CPUs (1 for its Train driver + {cfg.run.max_workers} "
             f"worker(s) x {cpw} CPU), but the cluster has {total:g}; lower --num-workers or "
             "--cpus-per-worker",
         )
     concurrent = min(cfg.sweep.max_concurrent or fits, fits)
-    return TrialPlan(need, need_gpus, cfg.run.num_workers, cpw, fits, concurrent, total, gpus)
+    return TrialPlan(need, need_gpus, cfg.run.max_workers, cpw, fits, concurrent, total, gpus)
 
 
 def check_search(cfg: SweepConfig) -> None:
+    if cfg.run.elastic:
+        # ASHA compares trials epoch by epoch; a trial that changes size mid-way is not
+        # comparable, and Tune reserves each trial's resources up front anyway.
+        raise ConfigError(
+            "--num-workers", "a sweep's trials have a fixed size: give N, not MIN:MAX"
+        )
     if cfg.sweep.search == "optuna":
         import importlib.util
 

@@ -1,6 +1,6 @@
 """The ``resnet18-dist`` console command: ``resnet18-dist train|train-accelerate|prepare|export|
-predict|compare|sweep [options]``. Each subcommand is a module here with ``main(argv, prog)``; the
-``launch/*.py`` scripts call the same functions, so both take the same options."""
+predict|serve|compare|sweep [options]``. Each subcommand is a module here with ``main(argv,
+prog)``; the ``launch/*.py`` scripts call the same functions, so both take the same options."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ COMMANDS = {
     "prepare": ("prepare", "Validate, split and shard an image dataset."),
     "export": ("export", "Export a checkpoint to ONNX, INT8 (and TensorRT) and measure them."),
     "predict": ("predict", "Classify image files with an exported model."),
+    "serve": ("serve", "Serve an exported model over HTTP with Ray Serve."),
     "compare": ("compare", "Compare training runs side by side."),
     "sweep": ("sweep", "Sweep the recipe with Ray Tune and ASHA; export the best trial."),
+    "benchmark": ("benchmark", "Training speed here: compute only, data only, end to end."),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from resnet18_dist import storage
 from resnet18_dist.config import TrainConfig
 from resnet18_dist.engine.rundir import RunPlan, default_run_name, plan_run
 from resnet18_dist.options import ConfigError
@@ -36,15 +37,20 @@ def plan_or_exit(
 ) -> RunPlan:
     """Name the run, apply the run-name rule (exit code 2 to refuse), print what it decided;
     ``dry_run`` only checks it (nothing moved, nothing printed)."""
+    try:
+        return _plan(parser, cfg, dry_run)
+    except storage.StorageError as exc:  # a bucket that is not there, no credentials, ...
+        parser.error(f"--output-dir: {exc}")
+
+
+def _plan(parser: argparse.ArgumentParser, cfg: TrainConfig, dry_run: bool) -> RunPlan:
     if not cfg.run.name:
         # A timestamp; a second run started in the same second gets a suffix, not a resume.
-        name = default_run_name()
-        taken = Path(cfg.run.output_dir) / name
-        n = 1
-        while taken.exists():
+        base, n = default_run_name(), 1
+        cfg.run.name = base
+        while _run_exists(cfg.run.output_dir, cfg.run.name):
             n += 1
-            taken = Path(cfg.run.output_dir) / f"{name}-{n}"
-        cfg.run.name = taken.name
+            cfg.run.name = f"{base}-{n}"
     try:
         plan = plan_run(cfg.run, cfg.optim.epochs, dry_run=dry_run)
     except ConfigError as exc:
@@ -52,3 +58,20 @@ def plan_or_exit(
     if plan.describe() and not dry_run:
         print(plan.describe(), flush=True)
     return plan
+
+
+def _run_exists(output_dir: str, name: str) -> bool:
+    if storage.is_remote(output_dir):
+        return bool(storage.list_files(storage.join(output_dir, name)))
+    return (Path(output_dir) / name).exists()
+
+
+def refuse_remote_output(output_dir: str, launcher: str) -> None:
+    """Object storage is written through Ray Train's storage layer; other launchers need a
+    local or shared file system."""
+    if storage.is_remote(output_dir):
+        raise ConfigError(
+            "--output-dir",
+            f"{output_dir}: object storage is supported by launch/train.py (Ray Train); "
+            f"{launcher} needs a local or shared path",
+        )

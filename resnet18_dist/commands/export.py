@@ -16,7 +16,16 @@ from resnet18_dist.export.pipeline import ExportOptions
 def main(argv: list[str] | None = None, prog: str = "resnet18-dist export") -> int:
     parser = build_parser(ExportOptions, __doc__, prog=prog)
     opts = parse_options(ExportOptions, parser, argv)
-    if not Path(str(opts.checkpoint)).exists():
+    from resnet18_dist import storage
+
+    if storage.is_remote(opts.checkpoint):
+        from resnet18_dist.checkpoint_file import CheckpointError, resolve_checkpoint_path
+
+        try:  # fetched into the local cache now, so a missing object is an option error
+            resolve_checkpoint_path(opts.checkpoint)
+        except CheckpointError as exc:
+            parser.error(f"--checkpoint: {exc}")
+    elif not Path(str(opts.checkpoint)).exists():
         parser.error(f"--checkpoint: {opts.checkpoint} does not exist")
 
     from resnet18_dist.atomic import WriteError

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     parser = build_parser(SweepConfig, __doc__, prog=prog)
     cfg = parse_options(SweepConfig, parser, argv)
 
-    from resnet18_dist.commands.common import check_data
+    from resnet18_dist.commands.common import check_data, refuse_remote_output
     from resnet18_dist.config import RESUME_THIS_RUN
     from resnet18_dist.integrations import wandb as wandb_adapter
     from resnet18_dist.integrations.ray_train import check_resources, require_train_v2, start_ray
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
 
     setup_logging()
     started = time.time()
+    try:  # Tune's trials write their run directories through our local file layout
+        refuse_remote_output(cfg.run.output_dir, "a sweep")
+    except ConfigError as exc:
+        parser.error(str(exc))
     if not cfg.run.name:  # a timestamp; a second sweep in the same second gets a suffix
         name, n = default_sweep_name(), 1
         while (Path(cfg.run.output_dir) / (name if n == 1 else f"{name}-{n}")).exists():

@@ -15,9 +15,9 @@ unfinished run, refuses a finished one (see --resume and --fresh).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
-from pathlib import Path
 
 from resnet18_dist.cli import build_parser, parse_options
 from resnet18_dist.config import TrainConfig
@@ -55,33 +55,41 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
         parser.error(str(exc))
     plan_or_exit(parser, cfg, dry_run=True)  # refuse before Ray starts; --fresh moves later
 
-    # Ray's processes start while this one loads torch and the TorchTrainer (about two seconds
-    # of imports that would otherwise come before or after).
-    preload = threading.Thread(target=_import_trainer, name="preload", daemon=True)
-    preload.start()
-    start_ray(cfg.run.address, cfg.run.verbose)
-    preload.join()
+    # A private local Ray's processes start while this one loads torch and the TorchTrainer
+    # (about two seconds of imports that would otherwise come before or after). When joining a
+    # cluster, torch is imported first: in a `ray job submit --working-dir` driver, importing
+    # torch after (or while) ray.init() connects aborted the process with "Intel oneMKL FATAL
+    # ERROR: Cannot load libtorch_cpu.so" (Ray 2.60, torch 2.14.1; tests/test_multinode.py).
+    if cfg.run.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        _import_trainer()
+        start_ray(cfg.run.address, cfg.run.verbose)
+    else:
+        preload = threading.Thread(target=_import_trainer, name="preload", daemon=True)
+        preload.start()
+        start_ray(cfg.run.address, cfg.run.verbose)
+        preload.join()
     try:
         use_gpu = check_resources(cfg.run)
     except ConfigError as exc:
         parser.error(str(exc))
     plan = plan_or_exit(parser, cfg)  # the cluster can run it: now apply the run-name rule
     print(
-        f"Ray Train: {cfg.run.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
-        f"run directory {plan.run_dir}",
+        f"Ray Train: {cfg.run.num_workers} worker(s){' (elastic)' if cfg.run.elastic else ''}, "
+        f"{'GPU' if use_gpu else 'CPU'}, "
+        f"placement {cfg.run.placement}, run directory {plan.run_dir}",
         flush=True,
     )
 
     from ray.train import TrainingFailedError
 
-    from resnet18_dist.checkpoint_file import latest_checkpoint_in
+    from resnet18_dist.engine.rundir import newest_checkpoint, read_run_file
 
     trainer = build_trainer(cfg, plan.run_dir, use_gpu, wandb_mode, plan.resume_from)
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
-        latest = latest_checkpoint_in(plan.run_dir) if plan.run_dir.is_dir() else None
+        latest = newest_checkpoint(plan.run_dir)
         if latest is not None:
             print(
                 f"The newest complete checkpoint is {latest}. Run the same command again to "
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
         return 1
     report = result.return_value
     if report is None:  # the worker's return value did not come back: read what it wrote
-        report = json.loads((Path(plan.run_dir) / "report.json").read_text())
+        report = json.loads(read_run_file(plan.run_dir, "report.json"))
     print(format_report(report), flush=True)
     return 0
 

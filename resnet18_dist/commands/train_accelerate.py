@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
     from accelerate.utils import broadcast_object_list
 
     from resnet18_dist.checkpoint_file import CheckpointError
-    from resnet18_dist.commands.common import check_data, plan_or_exit
+    from resnet18_dist.commands.common import check_data, plan_or_exit, refuse_remote_output
     from resnet18_dist.data.manifest import DatasetError
     from resnet18_dist.engine.reporting import LocalReporter
     from resnet18_dist.engine.session import run_training
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
     if runtime.is_main:
         try:
             wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
+            refuse_remote_output(cfg.run.output_dir, "the accelerate launcher")
             check_data(cfg, gpu_workers_possible=runtime.device.type == "cuda")
         except ConfigError as exc:
             parser.error(str(exc))

@@ -28,6 +28,8 @@ class LoaderSettings:
     device: torch.device
     channels_last: bool
     verify_shards: str = "auto"  # DALI: check shard hashes (done by local rank 0, see session)
+    prefetch: int = 2  # DALI: prefetch_queue_depth
+    hw_decoder_load: float = 0.65  # DALI on a GPU: hardware JPEG decoder's share
 
     def batch_size_for(self, train: bool) -> int:
         return self.batch_size if train else self.eval_batch_size

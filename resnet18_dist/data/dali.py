@@ -31,12 +31,17 @@ from resnet18_dist.data.batching import LoaderSettings, batches_per_rank, empty_
 from resnet18_dist.data.integrity import describe_corruption, undecodable_samples, verify_split
 from resnet18_dist.data.manifest import IMAGE_EXT, LABEL_EXT, DatasetError, Manifest
 from resnet18_dist.data.policy import (
+    AUTO_AUG_FILL,
+    AUTO_AUG_POLICIES,
+    AUTOAUGMENT_MAX_SHIFT,
     IMAGENET_MEAN,
     IMAGENET_STD,
     JITTER,
     ROTATION_DEGREES,
     DataPolicy,
+    autoaugment_policy,
     crop_padding,
+    erase_side,
 )
 from resnet18_dist.seeding import derive_seed
 
@@ -52,24 +57,31 @@ MIN_BLOCK = 64
 
 def _pipeline_def():  # DALI is imported here so that this module loads without it
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import auto_augment, trivial_augment
 
-    @pipeline_def(enable_conditionals=False)
+    # Conditionals: auto_aug picks each sample's operation with DALI's `if`, and random erasing
+    # applies to a coin-flipped part of the batch. (Python-level ifs on the arguments below are
+    # plain Python under AutoGraph.)
+    @pipeline_def(enable_conditionals=True)
     def image_pipeline(
         reader: dict[str, Any],
-        image_size: int,
-        augment: str,
+        policy: DataPolicy,
         train: bool,
         gpu: bool,
         channels_last: bool,
         half: bool,
+        hw_decoder_load: float,
     ):
+        image_size, augment = policy.image_size, policy.augment
         jpegs, labels = fn.readers.webdataset(**reader)
         # EXIF orientation applied, as every PIL decode in the project does (imaging.py).
+        decode_args: dict[str, Any] = {"hw_decoder_load": hw_decoder_load} if gpu else {}
         images = fn.decoders.image(
             jpegs,
             device="mixed" if gpu else "cpu",
             output_type=types.RGB,
             adjust_orientation=True,
+            **decode_args,
         )
         images = fn.resize(
             images,
@@ -95,7 +107,7 @@ def _pipeline_def():  # DALI is imported here so that this module loads without 
                 saturation=fn.random.uniform(range=(lo, hi)),
             )
             mirror = fn.random.coin_flip(probability=0.5)
-        elif train and augment == "cifar":
+        elif train and policy.base_crop:
             pad = crop_padding(image_size)
             # Random crop of the reflect-padded image = a window shifted by up to `pad` px,
             # reflected where it leaves the image ("reflect_101" is torch's "reflect").
@@ -108,6 +120,23 @@ def _pipeline_def():  # DALI is imported here so that this module loads without 
                 out_of_bounds_policy="reflect_101",
             )
             mirror = fn.random.coin_flip(probability=0.5)
+        elif train and augment in AUTO_AUG_POLICIES:
+            mirror = fn.random.coin_flip(probability=0.5)
+        if train and augment == "trivialaugment":
+            images = trivial_augment.trivial_augment_wide(
+                images, fill_value=AUTO_AUG_FILL, interp_type=types.INTERP_LINEAR
+            )
+        elif train and augment == "autoaugment":
+            names = {"cifar10": "reduced_cifar10", "imagenet": "image_net"}
+            images = auto_augment.auto_augment(
+                images,
+                policy_name=names[autoaugment_policy(image_size)],
+                fill_value=AUTO_AUG_FILL,
+                interp_type=types.INTERP_LINEAR,
+                # torchvision's (and the paper's) largest shift, 150/331 of the side; DALI's
+                # default is 250 px, which would push a 32-px image out of its frame.
+                max_translate_abs=max(1, round(image_size * AUTOAUGMENT_MAX_SHIFT)),
+            )
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT16 if half else types.FLOAT,
@@ -116,6 +145,17 @@ def _pipeline_def():  # DALI is imported here so that this module loads without 
             std=[s * 255 for s in IMAGENET_STD],
             mirror=mirror,
         )
+        if train and policy.random_erasing > 0:
+            # The same square as the torchvision backend's RandomErasing: half the side, placed
+            # uniformly inside the image, set to 0 after normalisation (the mean colour).
+            side = erase_side(image_size)
+            if fn.random.coin_flip(probability=policy.random_erasing):
+                anchor = fn.random.uniform(
+                    values=[float(i) for i in range(image_size - side + 1)], shape=2
+                )
+                images = fn.erase(
+                    images, anchor=anchor, shape=[side, side], axis_names="HW", fill_value=0
+                )
         return images, labels
 
     return image_pipeline
@@ -266,21 +306,7 @@ class DaliLoader:
         if self._pipe is not None and self._built_for == epoch:
             return
         self.close()
-        s = self.settings
-        self._pipe = _pipeline_def()(
-            reader=self._reader(epoch),
-            image_size=self.policy.image_size,
-            augment=self.policy.augment,
-            train=self.train,
-            gpu=self.gpu,
-            channels_last=s.channels_last,
-            half=self.half,
-            batch_size=self.batch_size,
-            num_threads=self.threads,
-            device_id=self.device.index if self.gpu else None,
-            seed=derive_seed(s.seed, s.rank, epoch, 2) % (2**31),
-            prefetch_queue_depth=2,
-        )
+        self._pipe = self._make_pipeline(epoch)
         self._pipe.build()
         self._iter = DALIGenericIterator(
             [self._pipe],
@@ -291,6 +317,23 @@ class DaliLoader:
             auto_reset=True,
         )
         self._built_for = epoch
+
+    def _make_pipeline(self, epoch: int) -> Any:
+        s = self.settings
+        return _pipeline_def()(
+            reader=self._reader(epoch),
+            policy=self.policy,
+            train=self.train,
+            gpu=self.gpu,
+            channels_last=s.channels_last,
+            half=self.half,
+            hw_decoder_load=s.hw_decoder_load,
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=self.device.index if self.gpu else None,
+            seed=derive_seed(s.seed, s.rank, epoch, 2) % (2**31),
+            prefetch_queue_depth=s.prefetch,
+        )
 
     def sample_order(self, epoch: int) -> list[str]:
         """The sample keys this rank reads in ``epoch``, in order: the training pipeline's own

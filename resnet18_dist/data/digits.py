@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from resnet18_dist.data.cache import cache_root
+from resnet18_dist.cache import cache_root
 from resnet18_dist.data.manifest import MANIFEST
 from resnet18_dist.data.prepare import PrepareOptions, PrepareResult, prepare_dataset
 

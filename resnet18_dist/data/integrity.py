@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from resnet18_dist.atomic import atomic_write_text
-from resnet18_dist.data.cache import cache_root
+from resnet18_dist.cache import cache_root
 from resnet18_dist.data.manifest import DatasetError, Manifest, parse_index
 
 log = logging.getLogger(__name__)

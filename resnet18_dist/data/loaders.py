@@ -84,14 +84,16 @@ def loader_settings(
     channels_last: bool,
     cpus_per_worker: int,
     verify_shards: bool = True,
+    batch_size: int | None = None,
 ) -> LoaderSettings:
     """One rank's settings from the data options; ``verify_shards=False`` skips the shard
-    check on ranks that leave it to another rank of their node."""
+    check on ranks that leave it to another rank of their node; ``batch_size`` overrides the
+    option's (an elastic run's per-worker share of its global batch)."""
     workers = cfg.loader_workers
     if workers < 0:
         workers = default_loader_workers(device, cpus_per_worker)
     return LoaderSettings(
-        batch_size=cfg.batch_size,
+        batch_size=batch_size or cfg.batch_size,
         eval_batch_size=cfg.eval_batch_size,
         rank=rank,
         world_size=world_size,
@@ -100,6 +102,8 @@ def loader_settings(
         device=device,
         channels_last=channels_last,
         verify_shards=cfg.verify_shards if verify_shards else "off",
+        prefetch=cfg.dali_prefetch,
+        hw_decoder_load=cfg.hw_decoder_load,
     )
 
 

@@ -27,10 +27,43 @@ def crop_padding(image_size: int) -> int:
     return max(1, round(image_size * CROP_PADDING_AT_32 / 32))
 
 
+# The searched policies (trivialaugment, autoaugment) run on uint8 pixels after the size's base
+# geometry. Both backends use bilinear resampling and fill what a geometric op uncovers with
+# mid-grey 128 (DALI's auto_aug default; torchvision's would be nearest and black).
+AUTO_AUG_POLICIES = ("trivialaugment", "autoaugment")
+AUTO_AUG_FILL = 128
+# AutoAugment's largest translation, as a fraction of the side (torchvision: 150 / 331 * width).
+AUTOAUGMENT_MAX_SHIFT = 150 / 331
+
+
+def is_small(image_size: int) -> bool:
+    return image_size <= SMALL_IMAGE_MAX
+
+
+def autoaugment_policy(image_size: int) -> str:
+    """The AutoAugment policy for a size: CIFAR-10's (found on reduced CIFAR-10) for small
+    images, ImageNet's for photos. DALI names them reduced_cifar10 / image_net."""
+    return "cifar10" if is_small(image_size) else "imagenet"
+
+
+def erase_side(image_size: int) -> int:
+    """Random erasing's square: half the image's side, Cutout's 16 px at 32 px (DeVries &
+    Taylor, 2017)."""
+    return max(1, round(image_size / 2))
+
+
 @dataclass(frozen=True)
 class DataPolicy:
     image_size: int
-    augment: str  # seed | cifar | none (resolved, never auto)
+    augment: str  # seed | cifar | trivialaugment | autoaugment | none (resolved, never auto)
+    random_erasing: float = 0.0  # probability per training image
+
+    @property
+    def base_crop(self) -> bool:
+        """Whether the training geometry includes the cifar policy's padded random crop."""
+        return self.augment == "cifar" or (
+            self.augment in AUTO_AUG_POLICIES and is_small(self.image_size)
+        )
 
 
 def native_size(manifest: Manifest) -> int:
@@ -51,4 +84,4 @@ def resolve_policy(cfg: DataConfig, manifest: Manifest) -> DataPolicy:
         augment = manifest.raw.get("augment_hint") or (
             "cifar" if size <= SMALL_IMAGE_MAX else "seed"
         )
-    return DataPolicy(image_size=size, augment=augment)
+    return DataPolicy(image_size=size, augment=augment, random_erasing=cfg.random_erasing)

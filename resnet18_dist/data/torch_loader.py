@@ -14,18 +14,22 @@ from pathlib import Path
 from typing import IO
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
 from resnet18_dist.data.batching import LoaderSettings, batches_per_rank, empty_batch
 from resnet18_dist.data.manifest import DatasetError, Manifest, SampleRef, parse_index
 from resnet18_dist.data.policy import (
+    AUTO_AUG_FILL,
+    AUTO_AUG_POLICIES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     JITTER,
     ROTATION_DEGREES,
     DataPolicy,
+    autoaugment_policy,
     crop_padding,
+    erase_side,
 )
 from resnet18_dist.imaging import BadImage, decode_upright
 from resnet18_dist.seeding import derive_seed
@@ -41,12 +45,33 @@ def train_transform(policy: DataPolicy) -> v2.Transform:
             v2.RandomRotation(ROTATION_DEGREES, interpolation=v2.InterpolationMode.BILINEAR),
             v2.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER),
         ]
-    elif policy.augment == "cifar":
-        steps += [
-            v2.RandomCrop(size, padding=crop_padding(size), padding_mode="reflect"),
-            v2.RandomHorizontalFlip(),
-        ]
-    return v2.Compose([*steps, *_to_normalized_tensor()])
+    elif policy.augment in ("cifar", *AUTO_AUG_POLICIES):
+        if policy.base_crop:
+            steps.append(v2.RandomCrop(size, padding=crop_padding(size), padding_mode="reflect"))
+        steps.append(v2.RandomHorizontalFlip())
+        if policy.augment == "trivialaugment":
+            steps.append(
+                v2.TrivialAugmentWide(
+                    interpolation=v2.InterpolationMode.BILINEAR, fill=AUTO_AUG_FILL
+                )
+            )
+        elif policy.augment == "autoaugment":
+            steps.append(
+                v2.AutoAugment(
+                    v2.AutoAugmentPolicy(autoaugment_policy(size)),
+                    interpolation=v2.InterpolationMode.BILINEAR,
+                    fill=AUTO_AUG_FILL,
+                )
+            )
+    steps += _to_normalized_tensor()
+    if policy.random_erasing > 0:
+        # A fixed square (scale = side^2 / size^2, ratio 1), placed uniformly inside the image,
+        # erased to 0 after normalisation (the mean colour), as the DALI backend erases.
+        area = erase_side(size) ** 2 / size**2
+        steps.append(
+            v2.RandomErasing(p=policy.random_erasing, scale=(area, area), ratio=(1, 1), value=0)
+        )
+    return v2.Compose(steps)
 
 
 def eval_transform(policy: DataPolicy) -> v2.Transform:
@@ -145,6 +170,14 @@ class EpochPartSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world_size))
 
 
+def collate_channels_last(batch: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+    """The default collate, in channels_last: the layout change happens here, in the loader's
+    worker processes, so the transfer to the device is a plain copy and the training step
+    never converts a batch."""
+    images, labels = default_collate(batch)
+    return [images.contiguous(memory_format=torch.channels_last), labels]
+
+
 class TorchvisionLoader:
     """Batches on the device; the same number of batches on every rank (see data/batching.py)."""
 
@@ -174,6 +207,7 @@ class TorchvisionLoader:
             generator=self.generator,
             persistent_workers=False,  # fresh workers per epoch pick up the per-epoch seed
             prefetch_factor=4 if settings.workers > 0 else None,
+            collate_fn=collate_channels_last if settings.channels_last else None,
         )
         self.set_epoch(0)
 

@@ -23,6 +23,7 @@ from resnet18_dist.checkpoint_file import (
     load_checkpoint,
     write_checkpoint,
 )
+from resnet18_dist.engine.ema import ModelEma
 from resnet18_dist.engine.optim import set_schedule_position
 from resnet18_dist.models import ModelSpec
 from resnet18_dist.seeding import rng_state, set_rng_state
@@ -78,6 +79,9 @@ class TrainState:
     metrics: dict[str, Any] = field(default_factory=dict)
     val_per_class_acc: list[float] = field(default_factory=list)
     path: str | None = None  # the file it was loaded from
+    # --ema-decay: the average's state (ModelEma.state_dict); None without it, and in
+    # checkpoints written before it existed.
+    ema: dict[str, Any] | None = None
 
     # -- capture / restore: the two ends of a resume
     @classmethod
@@ -90,9 +94,11 @@ class TrainState:
         meta: RunMeta,
         metrics: dict[str, Any] | None = None,
         val_per_class_acc: list[float] | None = None,
+        ema: ModelEma | None = None,
     ) -> TrainState:
         """The state after an epoch (``model`` unwrapped), with this process's RNG states."""
         return cls(
+            ema=ema.state_dict() if ema is not None else None,
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
@@ -110,6 +116,7 @@ class TrainState:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         steps_per_epoch: int,
         epochs: int,
+        ema: ModelEma | None = None,
     ) -> LoopState:
         """Weights, optimizer, RNG and loop state back in place; returns the loop state.
 
@@ -118,7 +125,18 @@ class TrainState:
         worker count continues where a straight run with those settings would be.
         """
         model.load_state_dict(self.model)
+        # load_state_dict takes every group option from the file, the implementation flags
+        # too; keep this run's (a checkpoint from a CPU run resumed on a GPU becomes fused).
+        impl = [{k: g.get(k) for k in ("foreach", "fused")} for g in optimizer.param_groups]
         optimizer.load_state_dict(self.optimizer)
+        for group, keep in zip(optimizer.param_groups, impl, strict=True):
+            group.update(keep)
+        if ema is not None:
+            if self.ema is not None:
+                ema.load_state_dict(self.ema)
+            else:  # a checkpoint written without --ema-decay: the average starts here
+                log.info("the checkpoint has no weight average; --ema-decay starts one now")
+                ema.module.load_state_dict(self.model)
         loop = self.loop
         loop.global_step = loop.epoch * steps_per_epoch
         set_schedule_position(scheduler, loop.global_step)
@@ -137,7 +155,10 @@ class TrainState:
     def to_dict(self) -> dict[str, Any]:
         loop = self.loop
         latest_is_best = loop.best_epoch == loop.epoch - 1
+        # With an average, the best weights are the average's (what validation scored): when
+        # the latest epoch is the best they equal `ema.model` and are not stored twice.
         return {
+            "ema": self.ema,
             "format_version": FORMAT_VERSION,
             "model": self.model,
             # Stored only when the best epoch is not the latest (else it equals `model`).
@@ -159,9 +180,11 @@ class TrainState:
         try:
             loop = LoopState(**raw["loop"])
             loop.best_model = raw.get("best_model")
+            ema = raw.get("ema")  # absent in checkpoints from before --ema-decay
             if loop.best_model is None and loop.best_epoch == loop.epoch - 1:
-                loop.best_model = cpu_copy(raw["model"])
+                loop.best_model = cpu_copy(ema["model"] if ema else raw["model"])
             return cls(
+                ema=ema,
                 model=raw["model"],
                 optimizer=raw["optimizer"],
                 scheduler=raw.get("scheduler", {}),

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from resnet18_dist.data.loaders import Loader, Loaders
 from resnet18_dist.engine.callbacks import Callback, CallbackList
 from resnet18_dist.engine.checkpoint import LoopState, RunMeta, TrainState, cpu_copy
+from resnet18_dist.engine.ema import ModelEma
 from resnet18_dist.engine.reporting import Reporter
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.engine.tasks import Task
@@ -29,13 +30,19 @@ from resnet18_dist.seeding import derive_seed, seed_everything
 class TrainingSetup:
     """What ``fit`` trains: built once per run by the session."""
 
-    model: nn.Module  # as the runtime wrapped it (DDP, accelerate)
+    model: nn.Module  # as the runtime wrapped it (DDP, accelerate), compiled with --compile
     unwrapped: nn.Module
     task: Task
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     # model.train(), except that frozen parts keep BatchNorm in eval (models/finetune.py)
     set_train_mode: Callable[[nn.Module], None] = lambda m: m.train()
+    ema: ModelEma | None = None  # --ema-decay: updated every step; validated and exported
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation scores and the best snapshot keeps: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.unwrapped
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         runtime.backward(loss)
         optimizer.step()
+        if setup.ema is not None:
+            setup.ema.update()
         scheduler.step()
         state.global_step += 1
         seen += n
@@ -199,8 +208,10 @@ def fit(
         train = train_one_epoch(setup, loaders.train, runtime, state, callbacks, opts.log_every)
         # One set of BatchNorm statistics for evaluation, the best snapshot and the checkpoint.
         runtime.broadcast_buffers(unwrapped)
+        if setup.ema is not None:
+            runtime.broadcast_buffers(setup.ema.module)
         val = evaluate(
-            unwrapped,
+            setup.eval_model,
             loaders.val,
             runtime,
             opts.num_classes,
@@ -211,7 +222,7 @@ def fit(
         improved = val["top1"] > state.best_top1
         if improved:
             state.best_top1, state.best_epoch, state.bad_epochs = val["top1"], epoch, 0
-            state.best_model = cpu_copy(unwrapped.state_dict())
+            state.best_model = cpu_copy(setup.eval_model.state_dict())
         else:
             state.bad_epochs += 1
         state.epoch = epoch + 1
@@ -243,6 +254,7 @@ def fit(
                 meta,
                 metrics,
                 val["per_class_acc"],
+                ema=setup.ema,
             )
         handover = time.perf_counter()
         saved = reporter.report(dict(metrics), checkpoint)

@@ -53,11 +53,37 @@ def param_groups(
     return list(groups.values())
 
 
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for-loop")
+
+
+def optimizer_impl(device: torch.device, impl: str = "auto") -> dict[str, bool]:
+    """SGD's implementation flags: one fused kernel per step on CUDA, the multi-tensor
+    (foreach) path elsewhere; never the per-parameter Python loop unless asked
+    (``for-loop``, the reference the tests compare against)."""
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer implementation {impl!r} is not one of {OPTIMIZER_IMPLS}")
+    return {"fused": impl == "fused", "foreach": impl == "foreach"}
+
+
+def impl_name(optimizer: torch.optim.Optimizer) -> str:
+    d = optimizer.defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
+
+
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, backbone_lr: float | None = None
+    model: nn.Module, cfg: OptimConfig, backbone_lr: float | None = None, impl: str = "auto"
 ) -> torch.optim.SGD:
+    """SGD over ``model``'s parameter groups, on the parameters' device (move the model
+    first)."""
+    device = next(model.parameters()).device
     return torch.optim.SGD(
-        param_groups(model, cfg, backbone_lr), lr=cfg.lr, momentum=cfg.momentum, nesterov=False
+        param_groups(model, cfg, backbone_lr),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=False,
+        **optimizer_impl(device, impl),
     )
 
 

@@ -18,21 +18,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from resnet18_dist.checkpoint_file import checkpoint_epoch, latest_checkpoint_in
+from resnet18_dist import storage
+from resnet18_dist.checkpoint_file import (
+    checkpoint_epoch,
+    latest_checkpoint_in,
+    latest_remote_checkpoint,
+)
 from resnet18_dist.config import RESUME_THIS_RUN, RunConfig
 from resnet18_dist.options import ConfigError
 
+# The files of a run directory, besides its checkpoint_*/ directories.
+CONFIG_FILE = "config.yaml"
+RUN_INFO_FILE = "run_info.json"
+METRICS_FILE = "metrics.jsonl"
+BEST_MODEL_FILE = "model.pt"
 REPORT_FILE = "report.json"  # written last: its presence marks a finished run
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    run_dir: Path
+    run_dir: Path | str  # a str for a run on object storage (s3://...)
     action: str  # "new" | "resume" | "extend"
-    resume_from: Path | None = None  # the checkpoint to continue from
+    resume_from: Path | str | None = None  # the checkpoint to continue from
     start_epoch: int = 0  # epochs already done
     epochs: int = 0
-    moved_aside: Path | None = None
+    moved_aside: Path | str | None = None
 
     def describe(self) -> str:
         lines = []
@@ -84,6 +94,8 @@ def plan_run(run: RunConfig, epochs: int, dry_run: bool = False) -> RunPlan:
     directory aside for ``--fresh`` (unless ``dry_run``: a launcher checks the rule before Ray
     starts and applies it once the cluster has accepted the run); raises ConfigError (exit
     code 2) to refuse."""
+    if storage.is_remote(run.output_dir):
+        return _plan_remote_run(run, epochs, dry_run)
     run_dir = Path(run.output_dir).resolve() / run.name
     resume = run.resume
     other = None if resume in (None, RESUME_THIS_RUN) else Path(resume)  # type: ignore[arg-type]
@@ -134,3 +146,73 @@ def plan_run(run: RunConfig, epochs: int, dry_run: bool = False) -> RunPlan:
     if latest is None:  # died before its first checkpoint: nothing to keep, start it again
         return RunPlan(run_dir, "new", epochs=epochs, moved_aside=moved)
     return RunPlan(run_dir, "resume", latest, checkpoint_epoch(latest.parent), epochs)
+
+
+def _plan_remote_run(run: RunConfig, epochs: int, dry_run: bool) -> RunPlan:
+    """The same rule for a run directory on object storage: its files are listed, its report
+    read, its newest checkpoint found there; ``--fresh`` copies the old run aside and deletes
+    it (an object store has no rename)."""
+    storage.require_bucket(run.output_dir)
+    run_uri = storage.join(run.output_dir, run.name)
+    resume = run.resume
+    other = None if resume in (None, RESUME_THIS_RUN) else resume
+    if other is not None and other.rstrip("/") == run_uri.rstrip("/"):
+        resume, other = RESUME_THIS_RUN, None
+    files = storage.list_files(run_uri)
+    moved = None
+    if run.fresh and files:
+        parent, name = storage.split(run_uri)
+        moved_uri = storage.join(parent, f"{name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        if dry_run:
+            return RunPlan(run_uri, "new", resume_from=other, epochs=epochs, moved_aside=moved_uri)
+        storage.copy_tree(run_uri, moved_uri)
+        storage.delete_tree(run_uri)
+        moved, files = moved_uri, []
+    if not files:
+        if resume == RESUME_THIS_RUN:
+            raise ConfigError("--resume", f"{run_uri} holds no run to resume")
+        return RunPlan(run_uri, "new", resume_from=other, epochs=epochs, moved_aside=moved)
+
+    latest = latest_remote_checkpoint(run_uri)
+    if REPORT_FILE in files:
+        try:
+            report = json.loads(storage.read_bytes(storage.join(run_uri, REPORT_FILE)))
+            done = int(report["epochs_run"])
+        except (ValueError, KeyError, TypeError):
+            done = 0
+        hint = (
+            f"pass --resume with --epochs larger than {done} to extend it, --fresh to start "
+            "over (the old run is kept), or another --name"
+        )
+        if resume != RESUME_THIS_RUN:
+            raise ConfigError(
+                "--name",
+                f"{run_uri} already finished ({done} epochs, {REPORT_FILE} written); {hint}",
+            )
+        if epochs <= done:
+            raise ConfigError("--epochs", f"{run_uri} already ran {done} epochs; {hint}")
+        if latest is None:
+            raise ConfigError("--resume", f"{run_uri} finished but holds no checkpoint to extend")
+        return RunPlan(run_uri, "extend", latest, checkpoint_epoch(Path(latest).parent), epochs)
+    if other is not None:
+        raise ConfigError(
+            "--resume",
+            f"{run_uri} already holds an unfinished run; run the same command without --resume "
+            f"to continue it, or use --fresh or another --name to start from {other}",
+        )
+    if latest is None:
+        return RunPlan(run_uri, "new", epochs=epochs, moved_aside=moved)
+    return RunPlan(run_uri, "resume", latest, checkpoint_epoch(Path(latest).parent), epochs)
+
+
+def newest_checkpoint(run_dir: Path | str) -> Path | str | None:
+    """The newest complete checkpoint of a local or remote run directory, or None."""
+    if storage.is_remote(run_dir):
+        return latest_remote_checkpoint(str(run_dir))
+    return latest_checkpoint_in(Path(run_dir)) if Path(run_dir).is_dir() else None
+
+
+def read_run_file(run_dir: Path | str, name: str) -> str:
+    if storage.is_remote(run_dir):
+        return storage.read_bytes(storage.join(str(run_dir), name)).decode()
+    return (Path(run_dir) / name).read_text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import socket
 import time
@@ -38,6 +39,8 @@ from resnet18_dist.engine.callbacks import (
     progress_wanted,
 )
 from resnet18_dist.engine.checkpoint import LoopState, RunMeta, TrainState, check_compatible
+from resnet18_dist.engine.compiling import Compiled, maybe_compile
+from resnet18_dist.engine.ema import ModelEma
 from resnet18_dist.engine.loop import (
     FitOptions,
     TrainingSetup,
@@ -45,9 +48,15 @@ from resnet18_dist.engine.loop import (
     fit,
     load_best_weights,
 )
-from resnet18_dist.engine.optim import build_optimizer, build_scheduler
+from resnet18_dist.engine.optim import build_optimizer, build_scheduler, impl_name
 from resnet18_dist.engine.reporting import Reporter
-from resnet18_dist.engine.rundir import REPORT_FILE
+from resnet18_dist.engine.rundir import (
+    BEST_MODEL_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    RUN_INFO_FILE,
+)
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.engine.tasks import ClassificationTask, DistillationTask, Task
 from resnet18_dist.metrics import scalars
@@ -60,17 +69,21 @@ from resnet18_dist.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-RUN_INFO_FILE = "run_info.json"
-METRICS_FILE = "metrics.jsonl"
-BEST_MODEL_FILE = "model.pt"
-
 
 @dataclass
 class RunData:
     manifest: Manifest
     policy: DataPolicy
     loaders: Loaders
+
+
+def worker_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """--batch-size per worker; an elastic run keeps its global batch at --batch-size x MAX
+    whatever its current size (rounded up to whole samples per worker), so the lr and the
+    schedule (whose position is kept in epochs) stay right across a resize."""
+    if not cfg.run.elastic:
+        return cfg.data.batch_size
+    return math.ceil(cfg.data.batch_size * cfg.run.max_workers / world_size)
 
 
 def build_data(cfg: TrainConfig, runtime: TorchRuntime) -> RunData:
@@ -84,6 +97,7 @@ def build_data(cfg: TrainConfig, runtime: TorchRuntime) -> RunData:
     policy = resolve_policy(cfg.data, manifest)
     settings = loader_settings(
         cfg.data,
+        batch_size=worker_batch_size(cfg, runtime.world_size),
         rank=runtime.rank,
         world_size=runtime.world_size,
         seed=cfg.run.seed,
@@ -137,19 +151,25 @@ def build_setup(cfg: TrainConfig, runtime: TorchRuntime, data: RunData, resuming
     unwrapped = runtime.unwrap(wrapped)
     optimizer = build_optimizer(unwrapped, cfg.optim, backbone_lr=cfg.optim.backbone_lr)
     scheduler = build_scheduler(optimizer, cfg.optim, len(data.loaders.train))
+    # The average starts from the initial weights (pretrained ones included), on the device.
+    ema = ModelEma(unwrapped, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     teacher_info = None
     task: Task
     if cfg.distill.teacher:
         teacher, teacher_info = load_teacher(cfg.distill, data.manifest.classes)
         task = DistillationTask(
-            runtime.prepare_module(teacher),  # same device and memory format; never DDP
+            # same device and memory format; never DDP
+            maybe_compile(runtime.prepare_module(teacher), cfg.run.compile, "the teacher"),
             cfg.distill.temperature,
             cfg.distill.alpha,
             cfg.optim.label_smoothing,
         )
     else:
         task = ClassificationTask(cfg.optim.label_smoothing)
-    setup = TrainingSetup(wrapped, unwrapped, task, optimizer, scheduler, set_train_mode)
+    # Only the training forward (and its backward) is compiled; evaluation, checkpoints and
+    # exports use the module itself.
+    trained = maybe_compile(wrapped, cfg.run.compile, "the model")
+    setup = TrainingSetup(trained, unwrapped, task, optimizer, scheduler, set_train_mode, ema)
     return RunModel(spec, setup, teacher_info)
 
 
@@ -168,6 +188,7 @@ def restore(
         run.setup.scheduler,
         steps_per_epoch=len(data.loaders.train),
         epochs=cfg.optim.epochs,
+        ema=run.setup.ema,
     )
     log.info("resumed from %s at epoch %d", state.path, loop.epoch + 1)
     return loop
@@ -190,7 +211,8 @@ def describe_run(
         "world_size": runtime.world_size,
         "runtime": runtime.name,
         "cpus_per_worker": runtime.cpus,
-        "global_batch_size": cfg.data.batch_size * runtime.world_size,
+        "batch_size_per_worker": worker_batch_size(cfg, runtime.world_size),
+        "global_batch_size": worker_batch_size(cfg, runtime.world_size) * runtime.world_size,
         "steps_per_epoch": len(data.loaders.train),
         "parameters": count_parameters(unwrapped),
         "trainable_parameters": count_parameters(unwrapped, trainable_only=True),
@@ -198,6 +220,10 @@ def describe_run(
         "teacher": run.teacher_info,
         "pretrained": cfg.model.pretrained,
         "freeze": cfg.model.freeze,
+        "compile": cfg.run.compile,
+        "ema_decay": cfg.optim.ema_decay,
+        "random_erasing": data.policy.random_erasing,
+        "optimizer_impl": impl_name(run.setup.optimizer),
     }
 
 
@@ -254,7 +280,9 @@ def open_run(
         f"{resolved['trainable_parameters']:,} trainable, stem {spec.stem}, "
         f"SE {spec.se_reduction or 'off'}) on {data.manifest.counts['train']} images of "
         f"{data.manifest.num_classes} classes, {data.policy.image_size}px, "
-        f"{runtime.world_size} worker(s) on {runtime.device}, backend {data.loaders.backend}"
+        f"{runtime.world_size} worker(s) on {runtime.device}, batch "
+        f"{resolved['batch_size_per_worker']} per worker ({resolved['global_batch_size']} "
+        f"global), backend {data.loaders.backend}"
         + (f", distilling from {run.teacher_info}" if run.teacher_info else "")
     )
     return callbacks
@@ -282,6 +310,7 @@ def publish(
     run: RunModel,
     report: dict[str, Any],
     callbacks: CallbackList,
+    location: str | None = None,
 ) -> None:
     """Rank 0 writes model.pt (the best weights, deployable) and, last, report.json: its
     presence marks the run as finished (engine/rundir.py)."""
@@ -293,10 +322,10 @@ def publish(
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         model_spec=run.spec.to_dict(),
-        source_checkpoint=str(run_dir),
+        source_checkpoint=location or str(run_dir),
     )
     save_model_pt(run.setup.unwrapped, meta, run_dir / BEST_MODEL_FILE)
-    report["best_model_path"] = str(run_dir / BEST_MODEL_FILE)
+    report["best_model_path"] = f"{location or run_dir}/{BEST_MODEL_FILE}"
     atomic_write_text(run_dir / REPORT_FILE, json.dumps(report, indent=1) + "\n")
     callbacks.on_test(report)
     callbacks.on_finish()
@@ -310,11 +339,14 @@ def run_training(
     *,
     resume_from: str | Path | None = None,
     extra_callbacks: list[Callback] | None = None,
+    location: str | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate the test split with the best weights, write the run directory's files.
 
     Returns the test report (on every rank). ``resume_from`` overrides ``cfg.run.resume`` (the
-    launcher's run plan, or the checkpoint Ray Train restored after a failure).
+    launcher's run plan, or the checkpoint Ray Train restored after a failure). ``location``
+    is where the run really lives when ``run_dir`` is a local copy of one on object storage
+    (recorded in the report and the model's metadata).
     """
     started = time.time()
     run_dir = Path(run_dir)
@@ -385,8 +417,10 @@ def run_training(
         "started_unix": started,
         "finished_unix": time.time(),
         "timings": timings,
-        "run_dir": str(run_dir),
+        "run_dir": location or str(run_dir),
         "resolved": resolved,
     }
-    publish(runtime, run_dir, data, run, report, callbacks)
+    if isinstance(run.setup.model, Compiled):  # --compile, and whether it fell back to eager
+        report["compile_fallback"] = run.setup.model.failed
+    publish(runtime, run_dir, data, run, report, callbacks, location)
     return report

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from resnet18_dist import storage
 from resnet18_dist.config import RunConfig, TrainConfig
 from resnet18_dist.options import ConfigError
 
@@ -119,17 +120,19 @@ def check_resources(run: RunConfig) -> bool:
             "--cpus-per-worker",
             f"{cpus} CPUs per worker, but no node of the cluster has more than {per_node:g}",
         )
-    need = run.num_workers * cpus
+    # An elastic run starts once its MIN workers fit; Ray Train grows it later.
+    workers = run.min_workers
+    need = workers * cpus
     if need > total:
         raise ConfigError(
             "--num-workers",
-            f"{run.num_workers} workers x {cpus} CPU(s) = {need} CPUs, but the "
+            f"{workers} workers x {cpus} CPU(s) = {need} CPUs, but the "
             f"cluster has {total:g}; lower --num-workers or --cpus-per-worker",
         )
-    if use_gpu and run.num_workers > gpus:
+    if use_gpu and workers > gpus:
         raise ConfigError(
             "--num-workers",
-            f"{run.num_workers} GPU workers, but the cluster has {gpus:g} GPU(s)"
+            f"{workers} GPU workers, but the cluster has {gpus:g} GPU(s)"
             + ("" if run.use_gpu == "on" else "; pass --use-gpu off to train on CPUs"),
         )
     return use_gpu
@@ -137,10 +140,10 @@ def check_resources(run: RunConfig) -> bool:
 
 def build_trainer(
     cfg: TrainConfig,
-    run_dir: Path,
+    run_dir: Path | str,
     use_gpu: bool,
     wandb_mode: str,
-    resume_from: Path | None = None,
+    resume_from: Path | str | None = None,
     callbacks: list[Any] | None = None,
     wandb_job_type: str = "train",
 ) -> Any:
@@ -158,6 +161,10 @@ def build_trainer(
 
     from resnet18_dist.integrations.ray_worker import train_worker
 
+    if storage.is_remote(run_dir):
+        storage_path, name = storage.split(str(run_dir))
+    else:
+        storage_path, name = str(Path(run_dir).parent), Path(run_dir).name
     resources: dict[str, float] = {"CPU": cfg.run.cpus_per_worker or 1}
     if use_gpu:
         resources["GPU"] = 1
@@ -171,13 +178,23 @@ def build_trainer(
             "wandb_job_type": wandb_job_type,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.run.num_workers,
+            num_workers=(
+                (cfg.run.min_workers, cfg.run.max_workers)
+                if cfg.run.elastic
+                else cfg.run.max_workers
+            ),
+            elastic_resize_monitor_interval_s=cfg.run.resize_interval_s,
             use_gpu=use_gpu,
             resources_per_worker=resources,
+            # Ray's placement-group strategies; SPREAD is best effort (a one-node cluster
+            # still runs), as STRICT_SPREAD would wait forever for nodes that never come.
+            placement_strategy=cfg.run.placement.upper(),
         ),
         run_config=RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            name=name,
+            # A local/shared path, or s3:// / gs://: Ray Train writes the checkpoints there
+            # through pyarrow (credentials and AWS_ENDPOINT_URL from the environment).
+            storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             # Ray Train's own INFO lines (checkpoints registered, worker groups) for --verbose.

@@ -16,9 +16,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from resnet18_dist import storage
 from resnet18_dist.checkpoint_file import CHECKPOINT_FILE
 from resnet18_dist.config import RunConfig, TrainConfig
+from resnet18_dist.engine.callbacks import Callback
 from resnet18_dist.engine.reporting import checkpoint_dir_name
+from resnet18_dist.engine.rundir import (
+    BEST_MODEL_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    RUN_INFO_FILE,
+)
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.logs import setup_logging
 
@@ -53,6 +62,14 @@ class RayTrainRuntime(TorchRuntime):
             device=device,
             threads=run.cpus_per_worker or 1,  # what Ray reserved for this worker
         )
+
+    def describe(self) -> str:
+        # Nodes on one machine share a host name: the Ray node id tells them apart (and is
+        # what `ray list nodes` / the dashboard show).
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:12]
+        return f"{super().describe()}, Ray node {node} ({ray.util.get_node_ip_address()})"
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -106,6 +123,38 @@ class RayTrainReporter:
         return f"{storage.experiment_fs_path}/{name}/{CHECKPOINT_FILE}"
 
 
+class RemoteRunMirror(Callback):
+    """Rank 0 of a run on object storage writes its run files (config.yaml, run_info.json,
+    metrics.jsonl, model.pt, report.json) to a local directory, as for any run, and this
+    uploads them: the header and metrics at the start and after every epoch, the model and,
+    last, report.json (a finished run's mark) after the test. Each upload is one object, seen
+    whole or not at all. The checkpoints themselves go through Ray Train's own upload."""
+
+    def __init__(self, local: Path, remote: str) -> None:
+        self.local = Path(local)
+        self.remote = remote
+
+    def pull(self) -> None:
+        """A resumed run continues the metrics of the attempts before it."""
+        source = storage.join(self.remote, METRICS_FILE)
+        if storage.exists(source):
+            storage.download(source, self.local / METRICS_FILE)
+
+    def _push(self, *names: str) -> None:
+        for name in names:
+            if (self.local / name).is_file():
+                storage.upload_file(self.local / name, storage.join(self.remote, name))
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self._push(CONFIG_FILE, RUN_INFO_FILE, METRICS_FILE)
+
+    def on_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        self._push(METRICS_FILE)
+
+    def on_test(self, report: dict[str, Any]) -> None:
+        self._push(METRICS_FILE, BEST_MODEL_FILE, REPORT_FILE)
+
+
 def quiet_ray_train_logs(verbose: bool) -> None:
     """Ray Train's per-report INFO line ("Reporting training result N: TrainingReport(...)")
     comes from a logger named after its file, in every worker; keep it for --verbose."""
@@ -124,36 +173,49 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     setup_logging()
     cfg = TrainConfig.from_dict(loop_config["config"])
     quiet_ray_train_logs(cfg.run.verbose)
-    run_dir = Path(loop_config["run_dir"])
+    location = loop_config["run_dir"]
     runtime = RayTrainRuntime(cfg.run)
+    mirror = None
+    if storage.is_remote(location):
+        # Rank 0 writes the run's files locally, named as the run (W&B takes its name from it),
+        # and mirrors them to the bucket; checkpoints go through Ray's storage.
+        run_dir = Path(tempfile.mkdtemp(prefix="r18d-run-")) / storage.split(location)[1]
+        mirror = RemoteRunMirror(run_dir, location)
+        if runtime.is_main:
+            mirror.pull()
+    else:
+        run_dir, location = Path(location), None
     callbacks = wandb_callbacks(
         cfg,
         runtime,
         run_dir,
         loop_config.get("wandb_mode", "disabled"),
         job_type=loop_config.get("wandb_job_type", "train"),
-    )
+    ) + ([mirror] if mirror else [])
     resume_from = loop_config.get("resume_from")
     restored = ray.train.get_checkpoint()  # set when Ray restores the run or restarts a group
+    reporter = RayTrainReporter(run_dir)
     if restored is not None:
         with restored.as_directory() as d:
-            log.info("Ray Train restored checkpoint %s", d)
+            log.info("Ray Train restored checkpoint %s", restored.path)
             report = run_training(
                 cfg,
                 runtime,
-                RayTrainReporter(run_dir),
+                reporter,
                 run_dir,
                 resume_from=Path(d) / CHECKPOINT_FILE,
                 extra_callbacks=callbacks,
+                location=location,
             )
     else:
         report = run_training(
             cfg,
             runtime,
-            RayTrainReporter(run_dir),
+            reporter,
             run_dir,
             resume_from=resume_from,
             extra_callbacks=callbacks,
+            location=location,
         )
     # A last report without checkpoint so Ray Tune sees the test metrics as the final result.
     ray.train.report({k: v for k, v in report.items() if isinstance(v, (int, float))})

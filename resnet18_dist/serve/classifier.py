@@ -2,7 +2,7 @@
 
 Preprocessing reproduces the training evaluation transform from the model's own metadata:
 RGB, bilinear resize to ``image_size`` (PIL, as torchvision does for PIL images), scale to
-[0, 1], normalise with ``mean``/``std``. The REST endpoint (a later issue) reuses this class.
+[0, 1], normalise with ``mean``/``std``. The REST endpoint (``serve/app.py``) uses this class too.
 """
 
 from __future__ import annotations
@@ -63,18 +63,22 @@ class OnnxClassifier:
         x = np.stack(arrays).transpose(0, 3, 1, 2) / 255.0
         return np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
 
+    def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        """Softmax probabilities, one row per image, from one ONNX Runtime call for the whole
+        list (the REST endpoint's dynamic batches come through here)."""
+        logits = self.session.run(None, {self.meta.input_name: self.preprocess(images)})[0]
+        z = logits - logits.max(axis=1, keepdims=True)
+        return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The ``k`` most probable (class, probability) of one row of ``probabilities``."""
+        order = np.argsort(-probs)[: min(k, probs.shape[0])]
+        return [(self.meta.classes[j], float(probs[j])) for j in order]
+
     def predict_images(
         self, images: list[Image.Image], top_k: int = 5
     ) -> list[list[tuple[str, float]]]:
-        logits = self.session.run(None, {self.meta.input_name: self.preprocess(images)})[0]
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        k = min(top_k, probs.shape[1])
-        order = np.argsort(-probs, axis=1)[:, :k]
-        return [
-            [(self.meta.classes[j], float(p[j])) for j in row]
-            for p, row in zip(probs, order, strict=True)
-        ]
+        return [self.top_k(p, top_k) for p in self.probabilities(images)]
 
     def predict_bytes(
         self, data: bytes, name: str = "image", top_k: int = 5
@@ -89,10 +93,13 @@ class OnnxClassifier:
         return self.predict_bytes(data, str(path), top_k)
 
 
-def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
-    """Decode as training did (upright: EXIF orientation applied); errors name the file."""
+def decode_image(
+    data: bytes, name: str, max_pixels: int | None = None, formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    """Decode as training did (upright: EXIF orientation applied); errors name the file.
+    ``formats`` (PIL format names) refuses any other kind of image."""
     try:
-        return decode_upright(data, max_pixels)
+        return decode_upright(data, max_pixels, formats)
     except ImageTooLarge as exc:
         raise ImageTooLargeError(f"{name}: {exc}") from exc
     except BadImage as exc:

@@ -1,4 +1,5 @@
-"""The project's cache directory (the built-in dataset, shard verification stamps)."""
+"""The project's cache directory (the built-in dataset, shard verification stamps, checkpoints
+fetched from object storage)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,13 @@
+"""`python launch/serve.py` = `resnet18-dist serve`: runnable from a fresh clone, or from a
+`ray job submit --working-dir .` upload, without installing the package."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resnet18_dist.commands import exit_now
+from resnet18_dist.commands.serve import main
+
+if __name__ == "__main__":
+    exit_now(main(prog="launch/serve.py"))

@@ -1,0 +1,180 @@
+"""Runs on object storage, against a real S3 API server on loopback (moto's standalone server):
+a 2-worker run writes its checkpoints to the bucket, a killed run resumes from there, and the
+export reads the run from there."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import REPO, launch, train_args
+from .ray_cluster import free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+BUCKET = "r18d-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 with one bucket; the environment that points at it (the
+    standard AWS variables, read by Ray, pyarrow and boto3 alike)."""
+    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    if server is None:
+        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [server, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], **_creds(env))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                break
+            except Exception:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.5)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _creds(env: dict[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
+
+
+def _objects(env: dict[str, str], prefix: str) -> dict[str, int]:
+    """key -> size of every object under ``prefix``, as the S3 API lists them."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], **_creds(env))
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+
+def _get(env: dict[str, str], key: str) -> bytes:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], **_creds(env))
+    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
+    s3: dict[str, str], digits_dataset: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, **s3}
+    runs = f"s3://{BUCKET}/runs"
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/train.py"),
+        *("--data-dir", str(digits_dataset), "--epochs", "4"),
+        *train_args(Path("unused"), "s3run", 2),
+        "--output-dir",
+        runs,  # the last --output-dir wins
+    ]
+    prefix = "runs/s3run/"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while f"{prefix}checkpoint_epoch0002/checkpoint.pt" not in _objects(s3, prefix):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        family = psutil.Process(first.pid).children(recursive=True)
+        first.send_signal(signal.SIGKILL)  # the driver dies: its private Ray goes with it
+        first.wait(timeout=60)
+    _, alive = psutil.wait_procs(family, timeout=60)
+    for p in alive:
+        p.kill()
+    objects = _objects(s3, prefix)
+    # Checkpoints and the run's files are in the bucket, nothing on a local disk.
+    assert f"{prefix}config.yaml" in objects and f"{prefix}metrics.jsonl" in objects, objects
+    assert f"{prefix}report.json" not in objects
+    assert not Path("unused").exists()
+    done = max(
+        int(m.group(1))
+        for k in objects
+        if (m := re.match(rf"{prefix}checkpoint_epoch(\d+)/checkpoint.pt$", k))
+    )
+    assert 2 <= done < 4
+
+    # The same command again: the plan reads the bucket and resumes from its checkpoint.
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert f"resuming unfinished run {runs}/s3run at epoch {done + 1} of 4" in out, out[-3000:]
+    trained = [int(e) for e in re.findall(r"epoch (\d+)/4: train loss", out)]
+    assert trained == list(range(done + 1, 5)), trained
+    objects = _objects(s3, prefix)
+    report = json.loads(_get(s3, f"{prefix}report.json"))
+    assert report["epochs_run"] == 4 and report["test_samples"] == 360
+    assert report["run_dir"] == f"{runs}/s3run"
+    assert report["best_model_path"] == f"{runs}/s3run/model.pt" and f"{prefix}model.pt" in objects
+    metrics = [json.loads(x)["epoch"] for x in _get(s3, f"{prefix}metrics.jsonl").splitlines()]
+    assert metrics == [0, 1, 2, 3], metrics  # every epoch once, across both drivers
+    kept = sorted(k for k in objects if k.endswith("/checkpoint.pt"))
+    assert kept == [
+        f"{prefix}checkpoint_epoch0003/checkpoint.pt",
+        f"{prefix}checkpoint_epoch0004/checkpoint.pt",
+    ]
+
+    # A finished run on S3 is refused like a local one.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already finished (4 epochs" in again.stderr, again.stderr
+
+    # The export reads the run (its newest checkpoint) straight from the bucket.
+    export = launch(
+        "export",
+        *("--checkpoint", f"{runs}/s3run", "--out", str(tmp_path / "export")),
+        *("--latency-iters", "5", "--throughput-seconds", "0.2", "--wandb-mode", "disabled"),
+        timeout=600,
+        env=env,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    exported = json.loads((tmp_path / "export" / "report.json").read_text())
+    assert exported["checks"]["fp32_ok"], exported["checks"]
+    assert exported["checkpoint"].startswith(f"{runs}/s3run/checkpoint_epoch0004"), exported
+
+
+def test_a_missing_bucket_is_a_clear_error_before_training(
+    s3: dict[str, str], digits_dataset: Path
+) -> None:
+    out = launch(
+        "train",
+        *("--data-dir", str(digits_dataset), "--epochs", "1"),
+        *train_args(Path("unused"), "nobucket", 1),
+        *("--output-dir", "s3://no-such-bucket-r18d/runs"),
+        env={**os.environ, **s3},
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "--output-dir" in out.stderr and "no-such-bucket-r18d" in out.stderr, out.stderr
