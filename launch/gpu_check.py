@@ -36,7 +36,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "train.tar.gz"
+# The shared JPEGs: beside the checkout here; on the device machine, under a `shared/` in the
+# checkout (what the device tool carries), or wherever --cifar-tar says.
+CIFAR_TARS = [
+    root / "shared" / "data" / "cifar10-jpeg" / "train.tar.gz" for root in (REPO, REPO.parent)
+]
 BARS = {"e2e_over_compute_224": 0.90, "images_per_s_32": 40_000, "top1": 0.92, "train_s": 180}
 
 
@@ -86,11 +90,16 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-def prepare_cifar(out: Path, work: Path, timeout: float) -> tuple[Path | None, dict[str, Any]]:
-    if not CIFAR_TAR.is_file():
-        return None, {"step": "data", "rc": 2, "error": f"{CIFAR_TAR} is absent"}
+def prepare_cifar(
+    out: Path, work: Path, timeout: float, archive: str | None
+) -> tuple[Path | None, dict[str, Any]]:
+    candidates = [Path(archive)] if archive else CIFAR_TARS
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        where = ", ".join(map(str, candidates))
+        return None, {"step": "data", "rc": 2, "error": f"no CIFAR-10 archive at {where}"}
     src = work / "cifar-src"
-    with tarfile.open(CIFAR_TAR) as tar:
+    with tarfile.open(found) as tar:
         tar.extractall(src, filter="data")
     dest = work / "cifar10"
     args = ["launch/prepare_data.py", "--source", str(src / "train"), "--out", str(dest)]
@@ -99,12 +108,22 @@ def prepare_cifar(out: Path, work: Path, timeout: float) -> tuple[Path | None, d
 
 
 def read_training(run_dir: Path) -> dict[str, Any] | None:
+    """The run's figures; from metrics.jsonl alone when it was stopped before its report."""
+    metrics = run_dir / "metrics.jsonl"
+    epochs = [json.loads(line) for line in metrics.open()] if metrics.is_file() else []
+    rates = sorted(e["train_images_per_s"] for e in epochs)
     report_file = run_dir / "report.json"
     if not report_file.is_file():
-        return None
+        if not epochs:
+            return None
+        return {
+            "finished": False,
+            "epochs_run": len(epochs),
+            "best_val_top1": max(e.get("val_top1", 0.0) for e in epochs),
+            "train_s": sum(e["train_time_s"] for e in epochs),
+            "median_train_images_per_s": rates[len(rates) // 2],
+        }
     report = json.loads(report_file.read_text())
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    rates = sorted(e["train_images_per_s"] for e in epochs)
     return {
         "test_top1": report["test_top1"],
         "best_val_top1": report["best_val_top1"],
@@ -128,7 +147,9 @@ def checks(figures: dict[str, Any]) -> dict[str, Any]:
         rate = by_size[32]["end_to_end_images_per_s"]
         out["images_per_s_32"] = {"value": rate, "bar": ">= 40000", "met": rate >= 40_000}
     t = figures.get("training")
-    if t:
+    if t and t.get("finished") is False:
+        out["recipe_finished"] = {"value": t["epochs_run"], "bar": "all epochs", "met": False}
+    elif t:
         out["recipe_top1"] = {
             "value": t["test_top1"],
             "bar": ">= 0.92",
@@ -157,7 +178,13 @@ def summary(figures: dict[str, Any]) -> str:
                 f"{r['end_to_end_over_compute']:.3f} |"
             )
     t = figures.get("training")
-    if t:
+    if t and t.get("finished") is False:
+        lines += [
+            "",
+            f"training (--recipe cifar) stopped after {t['epochs_run']} epochs: best val top-1 "
+            f"{t['best_val_top1']:.4f}, median {t['median_train_images_per_s']:.0f} images/s",
+        ]
+    elif t:
         lines += [
             "",
             f"training (--recipe cifar): test top-1 {t['test_top1']:.4f}, {t['epochs_run']} "
@@ -171,6 +198,13 @@ def summary(figures: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_figures(out: Path, figures: dict[str, Any]) -> None:
+    figures["checks"] = checks(figures)
+    tmp = out / "figures.json.tmp"
+    tmp.write_text(json.dumps(figures, indent=1) + "\n")
+    tmp.replace(out / "figures.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu-check"), help="Output dir.")
@@ -180,7 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="A prepared dataset (default: CIFAR-10 from shared).")
     parser.add_argument("--epochs", type=int, help="Training epochs (default: the recipe's).")
     parser.add_argument("--timeout", type=float, default=420, help="Seconds per step at most.")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=0,
+        help="Seconds for the whole check (0: no limit): "
+        "each step gets at most what is left, so one device command is never cut short blind.",
+    )
+    parser.add_argument("--cifar-tar", help="The CIFAR-10 JPEG archive (train.tar.gz).")
     args = parser.parse_args(argv)
+    deadline = time.monotonic() + args.budget if args.budget else None
+
+    def step_timeout() -> float:
+        if deadline is None:
+            return args.timeout
+        return max(1.0, min(args.timeout, deadline - time.monotonic() - 15))  # 15 s to write
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -205,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_dir:
             data_dir = Path(args.data_dir)
         else:
-            data_dir, step = prepare_cifar(out, work, args.timeout)
+            data_dir, step = prepare_cifar(out, work, step_timeout(), args.cifar_tar)
             steps.append(step)
         device = ["--use-gpu", "on", "--data-backend", "dali", "--compile"]
         bench = [
@@ -218,12 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, sizes in [] if args.no_benchmark else bench:
             result = out / f"{name}.json"
             cmd = ["launch/benchmark.py", *sizes, *bench_common, *data_args, "--out", str(result)]
-            steps.append(run_step(name, cmd, out, args.timeout))
+            steps.append(run_step(name, cmd, out, step_timeout()))
             if result.is_file():
                 figures["benchmarks"].append(json.loads(result.read_text()))
+            write_figures(out, figures)  # what is done survives a later step's kill
         if not args.no_train:
             train = ["launch/train.py", *data_args, "--recipe", "cifar", "--num-workers", "1"]
-            train += ["--output-dir", str(out / "runs"), "--name", "recipe", "--fresh"]
+            # The run (checkpoints of 100+ MB) stays in the work directory: $OUT brings back a
+            # few small files only. Its report and metrics are copied there.
+            train += ["--output-dir", str(work / "runs"), "--name", "recipe", "--fresh"]
             train += ["--wandb-mode", "disabled", "--quiet"]
             if args.tiny:
                 train += ["--use-gpu", "off", "--epochs", str(args.epochs or 1)]
@@ -235,10 +287,13 @@ def main(argv: list[str] | None = None) -> int:
                 train += [*device, "--cpus-per-worker", str(cpus)]
                 if args.epochs:
                     train += ["--epochs", str(args.epochs)]
-            steps.append(run_step("train", train, out, args.timeout))
-            figures["training"] = read_training(out / "runs" / "recipe")
-    figures["checks"] = checks(figures)
-    (out / "figures.json").write_text(json.dumps(figures, indent=1) + "\n")
+            steps.append(run_step("train", train, out, step_timeout()))
+            run_dir = work / "runs" / "recipe"
+            figures["training"] = read_training(run_dir)
+            for name in ("report.json", "metrics.jsonl"):
+                if (run_dir / name).is_file():
+                    shutil.copy(run_dir / name, out / f"train-{name}")
+    write_figures(out, figures)
     text = summary(figures)
     (out / "summary.md").write_text(text)
     shutil.rmtree(work, ignore_errors=True)

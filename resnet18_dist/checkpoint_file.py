@@ -18,9 +18,10 @@ import re
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from resnet18_dist import storage
-from resnet18_dist.atomic import atomic_write
+from resnet18_dist.atomic import atomic_write, atomic_write_text
 
 # torch is imported where a checkpoint is read or written: finding one (the run-name rule, in a
 # launcher before anything else starts) needs only the file system.
@@ -30,9 +31,11 @@ if TYPE_CHECKING:
 CHECKPOINT_FILE = "checkpoint.pt"
 SOURCE_FILE = "source.txt"  # next to a checkpoint fetched from object storage: its URI
 # 1: the first release. 2: the lr schedule's position is kept in epochs (format 1 files load:
-# their fields are a subset).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# their fields are a subset). 3: an EMA of the weights may be stored, and when it is on, the
+# best snapshot is of the average (an older release would export the live weights instead, so
+# it must refuse these files; formats 1 and 2 load here unchanged).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +88,16 @@ def latest_remote_checkpoint(run_uri: str) -> str | None:
 def fetch_remote_checkpoint(uri: str) -> Path:
     """Download the checkpoint named by a remote file, checkpoint directory or run directory
     into the local cache (keyed by its URI); returns the local file."""
+    try:
+        return _fetch(uri)
+    except storage.StorageError as exc:  # unreachable endpoint, no credentials, ...
+        raise CheckpointError(str(exc)) from exc
+
+
+def _fetch(uri: str) -> Path:
     from resnet18_dist.cache import cache_root
 
-    if uri.rstrip("/").endswith("/" + CHECKPOINT_FILE):
+    if urlsplit(uri).path.rstrip("/").endswith("/" + CHECKPOINT_FILE):
         source = uri
     elif storage.exists(storage.join(uri, CHECKPOINT_FILE)):
         source = storage.join(uri, CHECKPOINT_FILE)
@@ -102,14 +112,12 @@ def fetch_remote_checkpoint(uri: str) -> Path:
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
     local = cache_root() / "remote-checkpoints" / key / CHECKPOINT_FILE
     marker = local.parent / SOURCE_FILE
-    try:
-        stamp = f"{source}\n{storage.version(source)}"
-        if not (local.is_file() and marker.is_file() and marker.read_text() == stamp):
-            storage.download(source, local)
-    except storage.StorageError as exc:
-        raise CheckpointError(str(exc)) from exc
-    # What messages and metadata name; the same object is not downloaded twice.
-    marker.write_text(stamp)
+    stamp = f"{source}\n{storage.version(source)}"
+    if not (local.is_file() and marker.is_file() and marker.read_text() == stamp):
+        storage.download(source, local)
+        # What messages and metadata name; the same object is not downloaded twice. Atomic:
+        # ranks of one node may fetch the same checkpoint at once.
+        atomic_write_text(marker, stamp)
     return local
 
 

@@ -161,6 +161,77 @@ def _epochs_done(run_dir: Path, n: int) -> bool:
     )
 
 
+def test_elastic_run_shrinks_when_a_node_dies_and_grows_when_one_joins(
+    cluster: LoopbackCluster, digits_dataset: Path, tmp_path: Path
+) -> None:
+    # Two 2-CPU nodes for training: `--num-workers 1:2` with 2 CPUs per worker starts with two
+    # workers, one per node; a node lost leaves room for one, and a node joining for two again.
+    alive = [n for n in cluster.nodes if n.name != "head" and n.proc.poll() is None]
+    while len(alive) < 2:
+        alive.append(cluster.add_node(f"e{len(cluster.nodes)}", cpus=2))
+    for extra in alive[2:]:
+        cluster.kill(extra)
+        cluster.wait_until_dead(extra)
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/train.py"),
+        *("--address", cluster.address, "--data-dir", str(digits_dataset)),
+        *train_args(tmp_path, "elastic", 2, "--cpus-per-worker", "2", "--epochs", "10"),
+        *("--num-workers", "1:2", "--resize-interval-s", "2", "--batch-size", "32"),
+        *("--max-failures", "2"),
+    ]
+    run_dir = tmp_path / "elastic"
+    log = tmp_path / "driver.log"
+
+    def wait_for(what: str, ready) -> None:
+        deadline = time.monotonic() + 600
+        while not ready():
+            assert driver.poll() is None, f"ended waiting for {what}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"{what}:\n{log.read_text()[-4000:]}"
+            time.sleep(0.2)
+
+    with open(log, "w") as out:
+        driver = subprocess.Popen(cmd, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for("epoch 2 at two workers", lambda: _epochs_done(run_dir, 2))
+        time.sleep(2.0)  # Ray's controller registers a reported checkpoint asynchronously
+        cluster.kill(alive[0])  # a node, and the worker on it, lost
+        one = "1 worker(s) on cpu, batch 64 per worker (64 global)"
+        wait_for("training on one worker", lambda: one in log.read_text())
+        done = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        wait_for("an epoch on one worker", lambda: _epochs_done(run_dir, done + 1))
+        cluster.add_node(f"e{len(cluster.nodes)}", cpus=2)  # capacity returns
+        rc = driver.wait(timeout=900)
+    finally:
+        if driver.poll() is None:
+            driver.send_signal(signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert "Ray Train: 1:2 worker(s) (elastic)" in text
+    two = "2 worker(s) on cpu, batch 32 per worker (64 global)"
+    # Two workers, then (the node lost) one, then (a node back) two again; the global batch
+    # is 64 samples (32 x MAX) throughout.
+    first_two, shrunk = text.index(two), text.index(one)
+    assert first_two < shrunk < text.rindex(two), text[-4000:]
+    assert len(re.findall(r"Ray Train restored checkpoint \S*checkpoint_epoch\d{4}", text)) >= 2
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
+    assert epochs == list(range(10)), epochs
+    report = json.loads((run_dir / "report.json").read_text())
+    resolved = report["resolved"]
+    assert resolved["world_size"] == 2 and resolved["batch_size_per_worker"] == 32
+    assert resolved["global_batch_size"] == 64 and report["epochs_run"] == 10
+    assert load_checkpoint(run_dir)["loop"]["epoch"] == 10
+
+
+def _epochs_done(run_dir: Path, n: int) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return (
+        metrics.is_file()
+        and len(metrics.read_text().splitlines()) >= n
+        and (run_dir / f"checkpoint_epoch{n:04d}" / "checkpoint.pt").is_file()
+    )
+
+
 def test_elastic_run_starts_small_and_grows_when_a_node_joins(
     cluster: LoopbackCluster, digits_dataset: Path, tmp_path: Path
 ) -> None:

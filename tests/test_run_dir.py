@@ -110,3 +110,25 @@ def test_ray_path_refuses_a_finished_run_before_ray_starts(
     assert proc.returncode == 2
     assert "already finished" in proc.stderr and "Ray Train:" not in proc.stdout
     assert (small_run / "report.json").read_bytes() == before
+
+
+def test_a_metrics_line_lost_to_a_kill_is_rebuilt_from_the_checkpoint(tmp_path: Path) -> None:
+    """Killed after epoch 3's checkpoint was reported but before its line was logged (and
+    after a line of epoch 4 from a later attempt): the resume at epoch 4 keeps every epoch
+    once, epoch 3's line taken from the checkpoint's own metrics."""
+    import json
+
+    from resnet18_dist.engine.callbacks import JsonlLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        "".join(json.dumps({"epoch": e, "train_loss": 1.0 / (e + 1)}) + "\n" for e in (0, 1, 3))
+        + '{"epoch": 4, "train_lo'  # a torn line
+    )
+    logger = JsonlLogger(path, start_epoch=3, resumed={"epoch": 2, "train_loss": 0.33, "x": [1]})
+    logger.on_start({})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
+    assert lines[2] == {"epoch": 2, "train_loss": 0.33}
+    logger.on_start({})  # idempotent: the line is not added twice
+    assert len(path.read_text().splitlines()) == 3

@@ -10,6 +10,7 @@ import io
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -312,7 +313,7 @@ def bad_requests(jpeg: bytes) -> list[tuple[str, dict[str, Any], int, str, str]]
             dict(url=C, data=iter([b"\xff" * 50_000] * 5), headers=img),
             413,
             "body_too_large",
-            f"the limit is {MAX_BODY} bytes",
+            f"request body is over {MAX_BODY} bytes",  # the streamed cap, not Content-Length
         ),
         (
             "multipart over the limit",
@@ -463,6 +464,13 @@ def bad_requests(jpeg: bytes) -> list[tuple[str, dict[str, Any], int, str, str]]
         (
             "top_k text",
             dict(url=C + "?top_k=abc", data=jpeg, headers=img),
+            400,
+            "bad_request",
+            "top_k",
+        ),
+        (
+            "top_k a non-ASCII digit",
+            dict(url=C + "?top_k=%C2%B2", data=jpeg, headers=img),  # "²": isdigit() is True
             400,
             "bad_request",
             "top_k",
@@ -641,6 +649,14 @@ def test_incomplete_export_and_bad_options_exit_2(tmp_path: Path, exported: Path
     proc = launch("serve", "--model", str(empty), timeout=120)
     assert proc.returncode == 2
     assert f"{empty}: incomplete export, model.onnx is missing" in proc.stderr
+    # A truncated model file is refused at start-up too, not by replicas failing to load it.
+    broken = tmp_path / "broken-export"
+    shutil.copytree(exported, broken)
+    onnx = broken / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:1000])
+    proc = launch("serve", "--model", str(broken), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--model: " in proc.stderr and str(onnx) in proc.stderr, proc.stderr[-2000:]
     short = tmp_path / "short.txt"
     short.write_text("abc")
     for args, message in [

@@ -146,6 +146,27 @@ def test_compile_without_a_cxx_compiler_warns_once_and_trains_eagerly(
 
 
 @pytest.mark.gpu
+def test_a_failure_after_the_first_compiled_call_is_raised_not_hidden() -> None:
+    """Falling back to eager is for "compile is unavailable here" (the first call); a later
+    failure (out of memory, a failing recompile for a new shape) is the run's own error."""
+    model = torch.nn.Linear(4, 2)
+    wrapped = Compiled(model)
+    calls = {"n": 0}
+
+    def compiled_then_broken(x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return model(x)
+
+    object.__setattr__(wrapped, "_compiled", compiled_then_broken)
+    x = torch.ones(3, 4)
+    assert torch.equal(wrapped(x), model(x)) and wrapped.succeeded
+    with pytest.raises(RuntimeError, match="out of memory"):
+        wrapped(x)
+    assert wrapped.active  # not silently switched to eager
+
+
 def test_no_host_synchronisation_inside_training_and_evaluation_steps(small_digits: Path) -> None:
     """CUDA's sync debug mode turns every implicit host synchronisation into an error while
     the loop's steps run (set after the loader's first batch, cleared after its last)."""

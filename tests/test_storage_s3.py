@@ -178,3 +178,39 @@ def test_a_missing_bucket_is_a_clear_error_before_training(
     )
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "--output-dir" in out.stderr and "no-such-bucket-r18d" in out.stderr, out.stderr
+
+
+def test_the_run_rule_on_a_bucket_with_pyarrow_uri_options(
+    s3: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint given in the URI itself (pyarrow's query options) instead of the
+    environment: the unfinished run is found, its checkpoint fetched; --fresh copies it aside."""
+    import boto3
+
+    from resnet18_dist.checkpoint_file import fetch_remote_checkpoint
+    from resnet18_dist.config import RunConfig
+    from resnet18_dist.engine.rundir import plan_run
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, s3[key])
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    endpoint = s3["AWS_ENDPOINT_URL"].removeprefix("http://")
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], **_creds(s3))
+    payload = b"not really a checkpoint, but bytes to fetch"
+    for epoch in (1, 2):
+        client.put_object(
+            Bucket=BUCKET, Key=f"uri/q/checkpoint_epoch000{epoch}/checkpoint.pt", Body=payload
+        )
+    runs = f"s3://{BUCKET}/uri?endpoint_override={endpoint}&scheme=http"
+
+    plan = plan_run(RunConfig(output_dir=runs, name="q"), epochs=4)
+    assert plan.action == "resume" and plan.start_epoch == 2
+    assert "/uri/q/checkpoint_epoch0002/checkpoint.pt?endpoint_override=" in str(plan.resume_from)
+    assert fetch_remote_checkpoint(str(plan.resume_from)).read_bytes() == payload
+
+    fresh = plan_run(RunConfig(output_dir=runs, name="q", fresh=True), epochs=4)
+    assert fresh.action == "new" and fresh.moved_aside is not None
+    keys = _objects(s3, "uri/")
+    assert not [k for k in keys if k.startswith("uri/q/")], keys
+    moved = [k for k in keys if k.startswith("uri/q.prev-") and k.endswith("/checkpoint.pt")]
+    assert len(moved) == 2, keys

@@ -84,12 +84,17 @@ class _Steps:
         self.loader, self.n, self.epoch = loader, n, 0
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        left = self.n
+        left, full = self.n, 0
         while left:
             self.loader.set_epoch(self.epoch)
             self.epoch += 1
             for batch in self.loader:
-                if batch[1].shape[0] == 0:
+                size = batch[1].shape[0]
+                full = full or size
+                if size < full:
+                    # An epoch's short last batch (or the empty padding one) would be a new
+                    # shape inside a measured window: a recompile under --compile, a cuDNN
+                    # re-tune otherwise. Only full batches are timed.
                     continue
                 yield batch
                 left -= 1

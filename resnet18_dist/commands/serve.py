@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
         opts.check_files()
     except ConfigError as exc:
         parser.error(str(exc))
+    from resnet18_dist.serve.classifier import OnnxClassifier, PredictError
+
+    try:  # a truncated or foreign model file is refused here, not by replicas failing to start
+        OnnxClassifier.load(opts.model_file())
+    except PredictError as exc:
+        parser.error(f"--model: {exc}")
 
     from resnet18_dist.integrations.ray_train import start_ray
 
@@ -71,14 +77,18 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
         },
         logging_config=logging_config,
     )
-    # Ctrl-C or SIGTERM from here on (even while the replicas start) ends in a clean stop.
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.run(build_app(opts), name=APP_NAME, route_prefix="/", logging_config=logging_config)
     except ConfigError as exc:
         parser.error(str(exc))
+    except KeyboardInterrupt:  # serve.run waits without a timeout for replicas that may never fit
+        print("interrupted before the application was running; removing it", flush=True)
+        serve.delete(APP_NAME)
+        return 130
+    # Ctrl-C or SIGTERM from here on ends in a clean stop.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     url = f"http://{opts.host}:{opts.port}"
     scaling = (
         f"autoscale {opts.autoscale}" if opts.autoscale else f"{opts.replicas or 1} replica(s)"

@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
         result = trainer.fit()
     except TrainingFailedError as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
-        latest = newest_checkpoint(plan.run_dir)
+        try:
+            latest = newest_checkpoint(plan.run_dir)
+        except OSError:  # the bucket cannot be listed now: the error above is what matters
+            latest = None
         if latest is not None:
             print(
                 f"The newest complete checkpoint is {latest}. Run the same command again to "

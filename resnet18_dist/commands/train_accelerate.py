@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
         try:
             wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
             refuse_remote_output(cfg.run.output_dir, "the accelerate launcher")
+            if cfg.run.elastic:  # accelerate's process count is fixed by `accelerate launch`
+                raise ConfigError("--num-workers", "MIN:MAX is for the Ray launcher")
             check_data(cfg, gpu_workers_possible=runtime.device.type == "cuda")
         except ConfigError as exc:
             parser.error(str(exc))

@@ -78,24 +78,40 @@ class JsonlLogger(Callback):
     """One JSON object per epoch in ``metrics.jsonl`` (appended and flushed each epoch).
 
     A run that resumes at epoch E first drops the lines of epochs E and later (those of an
-    attempt that died after logging them), so the file holds each epoch exactly once.
+    attempt that died after logging them), so the file holds each epoch exactly once. An
+    attempt killed between reporting epoch E-1's checkpoint and logging its line leaves no
+    line for it: that line is rebuilt from the checkpoint's own metrics (``resumed``).
     """
 
-    def __init__(self, path: Path, start_epoch: int = 0) -> None:
+    def __init__(
+        self, path: Path, start_epoch: int = 0, resumed: dict[str, Any] | None = None
+    ) -> None:
         self.path = Path(path)
         self.start_epoch = start_epoch
+        self.resumed = resumed
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_start(self, info: dict[str, Any]) -> None:
-        if not self.path.exists():
+        if not self.path.exists() and not self.start_epoch:
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
+        kept, logged = [], set()
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        for line in lines:
             try:
-                if json.loads(line).get("epoch", -1) < self.start_epoch:
-                    kept.append(line)
+                epoch = json.loads(line).get("epoch", -1)
             except (ValueError, AttributeError):  # a torn last line of a killed writer
                 continue
+            if epoch < self.start_epoch:
+                kept.append(line)
+                logged.add(epoch)
+        last = self.resumed or {}
+        if (
+            self.start_epoch
+            and last.get("epoch") == self.start_epoch - 1
+            and (self.start_epoch - 1 not in logged)
+        ):
+            record = {k: _jsonable(v) for k, v in last.items() if not isinstance(v, (list, dict))}
+            kept.append(json.dumps(record))
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def on_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:

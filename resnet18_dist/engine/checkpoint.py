@@ -46,6 +46,8 @@ class LoopState:
     bad_epochs: int = 0
     stopped_early: bool = False
     best_model: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    # The metrics of the epoch a resume starts after, from its checkpoint (not saved again).
+    resumed_metrics: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

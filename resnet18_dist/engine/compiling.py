@@ -30,6 +30,7 @@ class Compiled(nn.Module):
         self.eager = module
         self.what = what
         self.failed: str | None = None
+        self.succeeded = False  # the first compiled call went through
         compiled: Any = None
         try:
             compiled = torch.compile(module, **compile_kwargs)
@@ -54,14 +55,20 @@ class Compiled(nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failed is None:
-            try:
-                return self._compiled(*args, **kwargs)
-            except Exception as exc:
-                out = self.eager(*args, **kwargs)  # raises if the input itself is at fault
-                self._give_up(exc)
-                return out
-        return self.eager(*args, **kwargs)
+        if self.failed is not None:
+            return self.eager(*args, **kwargs)
+        if self.succeeded:
+            # Past the first call a failure (out of memory, a recompile for a new shape that
+            # fails) is a real error of the run, not "compile unavailable": raised as it is.
+            return self._compiled(*args, **kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as exc:
+            out = self.eager(*args, **kwargs)  # raises if the input itself is at fault
+            self._give_up(exc)
+            return out
+        self.succeeded = True
+        return out
 
 
 def maybe_compile(module: nn.Module, enabled: bool, what: str = "the model") -> nn.Module:

@@ -98,7 +98,10 @@ def plan_run(run: RunConfig, epochs: int, dry_run: bool = False) -> RunPlan:
         return _plan_remote_run(run, epochs, dry_run)
     run_dir = Path(run.output_dir).resolve() / run.name
     resume = run.resume
-    other = None if resume in (None, RESUME_THIS_RUN) else Path(resume)  # type: ignore[arg-type]
+    other: Path | str | None = None
+    if resume not in (None, RESUME_THIS_RUN):
+        other = resume if storage.is_remote(resume) else Path(resume)  # type: ignore[arg-type]
+        check_remote_resume(other)
     if other is not None and _same_dir(other, run_dir):
         resume, other = RESUME_THIS_RUN, None
     moved = None
@@ -156,6 +159,7 @@ def _plan_remote_run(run: RunConfig, epochs: int, dry_run: bool) -> RunPlan:
     run_uri = storage.join(run.output_dir, run.name)
     resume = run.resume
     other = None if resume in (None, RESUME_THIS_RUN) else resume
+    check_remote_resume(other)
     if other is not None and other.rstrip("/") == run_uri.rstrip("/"):
         resume, other = RESUME_THIS_RUN, None
     files = storage.list_files(run_uri)
@@ -216,3 +220,15 @@ def read_run_file(run_dir: Path | str, name: str) -> str:
     if storage.is_remote(run_dir):
         return storage.read_bytes(storage.join(str(run_dir), name)).decode()
     return (Path(run_dir) / name).read_text()
+
+
+def check_remote_resume(other: Path | str | None) -> None:
+    """A remote --resume is looked up now, so a mistyped URI is an option error before Ray
+    starts, not a worker failure after."""
+    if isinstance(other, str) and storage.is_remote(other):
+        from resnet18_dist.checkpoint_file import CheckpointError, fetch_remote_checkpoint
+
+        try:
+            fetch_remote_checkpoint(other)
+        except CheckpointError as exc:
+            raise ConfigError("--resume", str(exc)) from exc

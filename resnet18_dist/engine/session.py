@@ -190,6 +190,7 @@ def restore(
         epochs=cfg.optim.epochs,
         ema=run.setup.ema,
     )
+    loop.resumed_metrics = state.metrics
     log.info("resumed from %s at epoch %d", state.path, loop.epoch + 1)
     return loop
 
@@ -259,7 +260,7 @@ def open_run(
     atomic_write_text(run_dir / RUN_INFO_FILE, json.dumps(info, indent=1) + "\n")
     callbacks = CallbackList(
         [
-            JsonlLogger(run_dir / METRICS_FILE, start_epoch=state.epoch),
+            JsonlLogger(run_dir / METRICS_FILE, state.epoch, state.resumed_metrics),
             ProgressBar(cfg.optim.epochs, enabled=progress_wanted(cfg.run.quiet)),
             ConsoleSummary(cfg.optim.epochs),
             *(extra_callbacks or []),

@@ -8,6 +8,7 @@ The driver side is ``ray_train.py``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from resnet18_dist import storage
-from resnet18_dist.checkpoint_file import CHECKPOINT_FILE
+from resnet18_dist.cache import cache_root
+from resnet18_dist.checkpoint_file import CHECKPOINT_FILE, checkpoint_epoch
 from resnet18_dist.config import RunConfig, TrainConfig
 from resnet18_dist.engine.callbacks import Callback
 from resnet18_dist.engine.reporting import checkpoint_dir_name
@@ -89,8 +91,9 @@ class RayTrainReporter:
     object, which the store publishes whole.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, location: str | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.location = location  # the run's s3:// / gs:// URI, when it lives there
 
     def report(self, metrics: dict[str, Any], checkpoint: TrainState | None) -> str | None:
         import ray.train
@@ -120,6 +123,8 @@ class RayTrainReporter:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=name,
             )
+        if self.location:
+            return f"{self.location}/{name}/{CHECKPOINT_FILE}"
         return f"{storage.experiment_fs_path}/{name}/{CHECKPOINT_FILE}"
 
 
@@ -179,7 +184,11 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if storage.is_remote(location):
         # Rank 0 writes the run's files locally, named as the run (W&B takes its name from it),
         # and mirrors them to the bucket; checkpoints go through Ray's storage.
-        run_dir = Path(tempfile.mkdtemp(prefix="r18d-run-")) / storage.split(location)[1]
+        # One directory per run and node (not per attempt): a restarted group reuses it, and
+        # offline W&B runs stay there for `wandb sync`.
+        key = hashlib.sha256(location.encode()).hexdigest()[:12]
+        run_dir = cache_root() / "remote-runs" / key / storage.split(location)[1]
+        run_dir.mkdir(parents=True, exist_ok=True)
         mirror = RemoteRunMirror(run_dir, location)
         if runtime.is_main:
             mirror.pull()
@@ -194,7 +203,16 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     ) + ([mirror] if mirror else [])
     resume_from = loop_config.get("resume_from")
     restored = ray.train.get_checkpoint()  # set when Ray restores the run or restarts a group
-    reporter = RayTrainReporter(run_dir)
+    reporter = RayTrainReporter(run_dir, location)
+    if (
+        restored is not None
+        and resume_from is not None
+        and checkpoint_epoch(Path(str(resume_from)).parent) > checkpoint_epoch(Path(restored.path))
+    ):
+        # A driver killed between a checkpoint's write and Ray's (asynchronous) record of it:
+        # Ray's snapshot names the one before; the launcher's plan found the newer file.
+        log.info("resuming from %s, newer than Ray's record %s", resume_from, restored.path)
+        restored = None
     if restored is not None:
         with restored.as_directory() as d:
             log.info("Ray Train restored checkpoint %s", restored.path)

@@ -203,7 +203,13 @@ class ClassifierDeployment:
         files = await self.form_files(request, limit=self.opts.max_images, hint="(--max-images)")
         if not files:
             raise ApiError(400, "bad_request", "no image file in the form")
-        images = [await asyncio.to_thread(self.decode, data, name) for name, data in files]
+        # --max-pixels bounds a request's decoded images together, not each one: what a
+        # replica holds is then at most --max-ongoing-requests x --max-pixels x 3 bytes.
+        images, budget = [], self.opts.max_pixels
+        for name, data in files:
+            image = await asyncio.to_thread(self.decode, data, name, budget)
+            budget -= image.width * image.height
+            images.append(image)
         # Each image joins the replica's dynamic batches like a request of its own.
         rows = await asyncio.gather(*(self.infer(img) for img in images))
         results = [
@@ -233,7 +239,7 @@ class ClassifierDeployment:
     def top_k_param(self, request: Request) -> int:
         raw = request.query_params.get("top_k", "5")
         n = len(self.clf.meta.classes)
-        if not raw.isdigit() or not 1 <= int(raw) <= n:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= n:  # not "²"
             raise ApiError(
                 400, "bad_request", f"top_k must be an integer from 1 to {n} (got {raw!r})"
             )
@@ -275,13 +281,15 @@ class ClassifierDeployment:
             await form.close()
         return out
 
-    def decode(self, data: bytes, name: str) -> Any:
+    def decode(self, data: bytes, name: str, budget: int | None = None) -> Any:
         if not data:
             raise ApiError(400, "empty_body", f"{name} is empty (0 bytes)")
+        limit = self.opts.max_pixels if budget is None else budget
         try:
-            return decode_image(data, name, self.opts.max_pixels, FORMATS)
+            return decode_image(data, name, max(limit, 1), FORMATS)
         except ImageTooLargeError as exc:
-            raise ApiError(413, "image_too_large", f"{exc} (--max-pixels)") from exc
+            where = "" if limit == self.opts.max_pixels else ", what is left of this request's"
+            raise ApiError(413, "image_too_large", f"{exc} (--max-pixels{where})") from exc
         except PredictError as exc:
             raise ApiError(400, "bad_image", str(exc)) from exc
 

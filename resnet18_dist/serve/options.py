@@ -47,7 +47,10 @@ class ServeOptions(Options):
     )
     max_body_bytes: int = opt(8 * MIB, "Largest request body in bytes (413 beyond).", ge=1)
     max_pixels: int = opt(
-        16_777_216, "Largest decoded image (width x height) accepted (413 beyond).", ge=1
+        16_777_216,
+        "Most decoded pixels (width x height) in one request, all its images together (413 "
+        "beyond). A replica holds at most --max-ongoing-requests x this x 3 bytes of images.",
+        ge=1,
     )
     max_images: int = opt(64, "Most images in one /v1/classify/batch request.", ge=1)
     max_ongoing_requests: int = opt(
