@@ -122,33 +122,7 @@ def plan_run(run: RunConfig, epochs: int, dry_run: bool = False) -> RunPlan:
         return RunPlan(run_dir, "new", resume_from=other, epochs=epochs, moved_aside=moved)
 
     done = finished_epochs(run_dir)
-    latest = latest_checkpoint_in(run_dir)
-    if done is not None:
-        hint = (
-            f"pass --resume with --epochs larger than {done} to extend it, --fresh to start "
-            "over (the old run is kept), or another --name"
-        )
-        if resume != RESUME_THIS_RUN:
-            raise ConfigError(
-                "--name",
-                f"{run_dir} already finished ({done} epochs, {REPORT_FILE} written); {hint}",
-            )
-        if epochs <= done:
-            raise ConfigError("--epochs", f"{run_dir} already ran {done} epochs; {hint}")
-        if latest is None:
-            raise ConfigError("--resume", f"{run_dir} finished but holds no checkpoint to extend")
-        return RunPlan(run_dir, "extend", latest, checkpoint_epoch(latest.parent), epochs)
-
-    if other is not None:
-        raise ConfigError(
-            "--resume",
-            f"{run_dir} already holds an unfinished run; run the same command without --resume "
-            "to continue it, or use --fresh or another --name to start from "
-            f"{other}",
-        )
-    if latest is None:  # died before its first checkpoint: nothing to keep, start it again
-        return RunPlan(run_dir, "new", epochs=epochs, moved_aside=moved)
-    return RunPlan(run_dir, "resume", latest, checkpoint_epoch(latest.parent), epochs)
+    return _decide(run_dir, resume, other, done, latest_checkpoint_in(run_dir), epochs, moved)
 
 
 def _plan_remote_run(run: RunConfig, epochs: int, dry_run: bool) -> RunPlan:
@@ -177,13 +151,30 @@ def _plan_remote_run(run: RunConfig, epochs: int, dry_run: bool) -> RunPlan:
             raise ConfigError("--resume", f"{run_uri} holds no run to resume")
         return RunPlan(run_uri, "new", resume_from=other, epochs=epochs, moved_aside=moved)
 
-    latest = latest_remote_checkpoint(run_uri)
+    done = None
     if REPORT_FILE in files:
         try:
-            report = json.loads(storage.read_bytes(storage.join(run_uri, REPORT_FILE)))
-            done = int(report["epochs_run"])
+            done = int(
+                json.loads(storage.read_bytes(storage.join(run_uri, REPORT_FILE)))["epochs_run"]
+            )
         except (ValueError, KeyError, TypeError):
             done = 0
+    latest = latest_remote_checkpoint(run_uri)
+    return _decide(run_uri, resume, other, done, latest, epochs, moved)
+
+
+def _decide(
+    run_dir: Path | str,
+    resume: str | None,
+    other: Path | str | None,
+    done: int | None,
+    latest: Path | str | None,
+    epochs: int,
+    moved: Path | str | None,
+) -> RunPlan:
+    """The rule for a directory (local or on a bucket) that holds a run: ``done`` is the epochs
+    of a finished one (None when unfinished), ``latest`` its newest complete checkpoint."""
+    if done is not None:
         hint = (
             f"pass --resume with --epochs larger than {done} to extend it, --fresh to start "
             "over (the old run is kept), or another --name"
@@ -191,22 +182,22 @@ def _plan_remote_run(run: RunConfig, epochs: int, dry_run: bool) -> RunPlan:
         if resume != RESUME_THIS_RUN:
             raise ConfigError(
                 "--name",
-                f"{run_uri} already finished ({done} epochs, {REPORT_FILE} written); {hint}",
+                f"{run_dir} already finished ({done} epochs, {REPORT_FILE} written); {hint}",
             )
         if epochs <= done:
-            raise ConfigError("--epochs", f"{run_uri} already ran {done} epochs; {hint}")
+            raise ConfigError("--epochs", f"{run_dir} already ran {done} epochs; {hint}")
         if latest is None:
-            raise ConfigError("--resume", f"{run_uri} finished but holds no checkpoint to extend")
-        return RunPlan(run_uri, "extend", latest, checkpoint_epoch(Path(latest).parent), epochs)
+            raise ConfigError("--resume", f"{run_dir} finished but holds no checkpoint to extend")
+        return RunPlan(run_dir, "extend", latest, checkpoint_epoch(Path(latest).parent), epochs)
     if other is not None:
         raise ConfigError(
             "--resume",
-            f"{run_uri} already holds an unfinished run; run the same command without --resume "
+            f"{run_dir} already holds an unfinished run; run the same command without --resume "
             f"to continue it, or use --fresh or another --name to start from {other}",
         )
-    if latest is None:
-        return RunPlan(run_uri, "new", epochs=epochs, moved_aside=moved)
-    return RunPlan(run_uri, "resume", latest, checkpoint_epoch(Path(latest).parent), epochs)
+    if latest is None:  # died before its first checkpoint: nothing to keep, start it again
+        return RunPlan(run_dir, "new", epochs=epochs, moved_aside=moved)
+    return RunPlan(run_dir, "resume", latest, checkpoint_epoch(Path(latest).parent), epochs)
 
 
 def newest_checkpoint(run_dir: Path | str) -> Path | str | None:
