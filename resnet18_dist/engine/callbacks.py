@@ -92,10 +92,11 @@ class JsonlLogger(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_start(self, info: dict[str, Any]) -> None:
-        if not self.path.exists() and not self.start_epoch:
+        if not self.path.exists():
+            # A new run directory (a resume from another run's checkpoint starts its own log).
             return
         kept, logged = [], set()
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        lines = self.path.read_text().splitlines()
         for line in lines:
             try:
                 epoch = json.loads(line).get("epoch", -1)
