@@ -39,8 +39,10 @@ TRISTATE = ("auto", "on", "off")
 class DataConfig(Options):
     data_dir: str | None = opt(
         None,
-        "Prepared dataset directory (holds manifest.json; see launch/prepare_data.py). "
-        "Default: the built-in scikit-learn digits, prepared into a cache on first use.",
+        "Prepared dataset directory (holds manifest.json; see launch/prepare_data.py), or one "
+        "uploaded to object storage (s3://bucket/prefix, gs://...), copied once per node into "
+        "the cache with every shard's sha256 checked. Default: the built-in scikit-learn "
+        "digits, prepared into a cache on first use.",
     )
     image_size: int = opt(
         0,

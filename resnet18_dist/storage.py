@@ -13,6 +13,7 @@ half-written; there is no rename, so "move aside" is a copy and a delete.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 from pathlib import Path
@@ -123,8 +124,11 @@ def download(uri: str, local: Path) -> Path:
     if info.type == pyarrow.fs.FileType.File:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f"{local.name}.part-{os.getpid()}")  # ranks may share a node
-        tmp.write_bytes(read_bytes(uri))
-        tmp.replace(local)  # a kill mid-download leaves no file under the real name
+        try:
+            stream_to_file(uri, tmp)
+            tmp.replace(local)  # a kill mid-download leaves no file under the real name
+        finally:
+            tmp.unlink(missing_ok=True)
         return local
     local.mkdir(parents=True, exist_ok=True)
     _wrap(
@@ -137,6 +141,24 @@ def download(uri: str, local: Path) -> Path:
         pyarrow.fs.LocalFileSystem(),
     )
     return local
+
+
+def stream_to_file(uri: str, local: Path, chunk: int = 8 << 20) -> str:
+    """Copy one remote file into ``local`` a chunk at a time (a checkpoint or a shard may be
+    larger than memory), flushed to disk; returns its sha256. The caller renames it into place."""
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+
+    def copy() -> None:
+        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+            while block := src.read(chunk):
+                digest.update(block)
+                dst.write(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+
+    _wrap(uri, "download", copy)
+    return digest.hexdigest()
 
 
 def upload_file(local: Path, uri: str) -> None:

@@ -91,12 +91,14 @@ def _get(env: dict[str, str], key: str) -> bytes:
 def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
     s3: dict[str, str], digits_dataset: Path, tmp_path: Path
 ) -> None:
-    env = {**os.environ, **s3}
+    env = {**os.environ, **s3, "RESNET18_DIST_CACHE": str(tmp_path / "cache")}
     runs = f"s3://{BUCKET}/runs"
+    data = f"s3://{BUCKET}/datasets/digits"  # the data comes from the bucket too
+    _upload(s3, digits_dataset, "datasets/digits")
     cmd = [
         sys.executable,
         str(REPO / "launch/train.py"),
-        *("--data-dir", str(digits_dataset), "--epochs", "4"),
+        *("--data-dir", data, "--epochs", "4"),
         *train_args(Path("unused"), "s3run", 2),
         "--output-dir",
         runs,  # the last --output-dir wins
@@ -115,6 +117,12 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
     _, alive = psutil.wait_procs(family, timeout=60)
     for p in alive:
         p.kill()
+    # The two ranks on this node made one verified copy of the dataset, byte for byte.
+    copies = list((tmp_path / "cache" / "remote-datasets").iterdir())
+    assert [c.name.startswith(".") for c in copies].count(False) == 1, copies
+    (copy,) = [c for c in copies if not c.name.startswith(".")]
+    for shard in sorted(digits_dataset.rglob("*.tar")):
+        assert (copy / shard.relative_to(digits_dataset)).read_bytes() == shard.read_bytes()
     objects = _objects(s3, prefix)
     # Checkpoints and the run's files are in the bucket, nothing on a local disk.
     assert f"{prefix}config.yaml" in objects and f"{prefix}metrics.jsonl" in objects, objects
@@ -138,6 +146,7 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
     report = json.loads(_get(s3, f"{prefix}report.json"))
     assert report["epochs_run"] == 4 and report["test_samples"] == 360
     assert report["run_dir"] == f"{runs}/s3run"
+    assert report["resolved"]["data_dir"] == data, report["resolved"]  # not a node's cache path
     assert report["best_model_path"] == f"{runs}/s3run/model.pt" and f"{prefix}model.pt" in objects
     metrics = [json.loads(x)["epoch"] for x in _get(s3, f"{prefix}metrics.jsonl").splitlines()]
     assert metrics == [0, 1, 2, 3], metrics  # every epoch once, across both drivers
@@ -165,6 +174,72 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
     assert exported["checkpoint"].startswith(f"{runs}/s3run/checkpoint_epoch0004"), exported
 
 
+def _upload(env: dict[str, str], local: Path, prefix: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], **_creds(env))
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(local)}")
+
+
+def test_a_dataset_in_a_bucket_is_copied_once_per_node_and_every_shard_checked(
+    s3: dict[str, str], digits_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    from resnet18_dist import storage
+    from resnet18_dist.data.manifest import DatasetError, Manifest
+    from resnet18_dist.data.remote import fetch_dataset
+
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    fetched: list[str] = []
+    real_stream = storage.stream_to_file
+
+    def counting(uri: str, local: Path) -> str:
+        fetched.append(uri)
+        return real_stream(uri, local)
+
+    monkeypatch.setattr(storage, "stream_to_file", counting)
+    source = Manifest.load(digits_dataset)
+    shards = [s.path for split in ("train", "val", "test") for s in source.shards[split]]
+    cache = tmp_path / "cache"
+
+    # A shard that changed in the bucket after preparation: refused, naming it; no copy is made.
+    _upload(s3, digits_dataset, "data/d")
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], **_creds(s3))
+    bad = shards[1]
+    good_bytes = (digits_dataset / bad).read_bytes()
+    broken = bytearray(good_bytes)
+    broken[len(broken) // 2] ^= 0xFF
+    client.put_object(Bucket=BUCKET, Key=f"data/d/{bad}", Body=bytes(broken))
+    uri = f"s3://{BUCKET}/data/d"
+    with pytest.raises(DatasetError, match=rf"{uri}/{bad}: sha256 .* differs"):
+        fetch_dataset(uri, cache=cache)
+    done = [p for p in (cache / "remote-datasets").iterdir() if not p.name.startswith(".")]
+    assert done == []
+    assert not list((cache / "remote-datasets").rglob(Path(bad).name)), "a bad shard was kept"
+
+    # Mended in the bucket: the next call fetches only what was not verified yet.
+    client.put_object(Bucket=BUCKET, Key=f"data/d/{bad}", Body=good_bytes)
+    fetched.clear()
+    local = fetch_dataset(uri, cache=cache)
+    tars = [u for u in fetched if u.endswith(".tar")]
+    assert len(tars) == len(shards) - 1, tars  # shard 0 was verified the first time
+    copy = Manifest.load(local)
+    assert copy.counts == source.counts and copy.classes == source.classes
+    for rel in shards:
+        assert (local / rel).read_bytes() == (digits_dataset / rel).read_bytes()
+
+    # Cached: a second call (another rank, a later run) downloads nothing.
+    fetched.clear()
+    assert fetch_dataset(uri, cache=cache) == local and fetched == []
+
+    with pytest.raises(DatasetError, match=rf"s3://{BUCKET}/data/none is not a prepared dataset"):
+        fetch_dataset(f"s3://{BUCKET}/data/none", cache=cache)
+
+
 def test_a_missing_bucket_is_a_clear_error_before_training(
     s3: dict[str, str], digits_dataset: Path
 ) -> None:
@@ -178,6 +253,18 @@ def test_a_missing_bucket_is_a_clear_error_before_training(
     )
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "--output-dir" in out.stderr and "no-such-bucket-r18d" in out.stderr, out.stderr
+
+    # A --data-dir in the bucket that holds no prepared dataset: refused before Ray starts.
+    nodata = f"s3://{BUCKET}/no-dataset-here"
+    out = launch(
+        "train",
+        *("--data-dir", nodata, "--epochs", "1"),
+        *train_args(Path("unused"), "nodata", 1),
+        env={**os.environ, **s3},
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "--data-dir" in out.stderr and f"{nodata} is not a prepared dataset" in out.stderr
 
 
 def test_the_run_rule_on_a_bucket_with_pyarrow_uri_options(

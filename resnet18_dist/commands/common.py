@@ -18,7 +18,6 @@ def check_data(cfg: TrainConfig, gpu_workers_possible: bool) -> None:
     from resnet18_dist.data.digits import dataset_dir
     from resnet18_dist.data.manifest import DatasetError, Manifest
 
-    refuse_remote_data(cfg.data.data_dir)
     # The driver may have no GPU while the workers do; only DALI's presence is checked here.
     if cfg.data.data_backend == "dali":
         import torch
@@ -28,18 +27,15 @@ def check_data(cfg: TrainConfig, gpu_workers_possible: bool) -> None:
         device = torch.device("cuda" if gpu_workers_possible else "cpu")
         resolve_backend("dali", device)
     try:
-        Manifest.load(dataset_dir(cfg.data.data_dir))
+        if storage.is_remote(cfg.data.data_dir):
+            from resnet18_dist.data.remote import read_remote_manifest
+
+            # Only the manifest: each node's workers copy the shards into their own cache.
+            read_remote_manifest(cfg.data.data_dir)
+        else:
+            Manifest.load(dataset_dir(cfg.data.data_dir))
     except DatasetError as exc:
         raise ConfigError("--data-dir", str(exc)) from exc
-
-
-def refuse_remote_data(data_dir: str | None) -> None:
-    if storage.is_remote(data_dir):
-        raise ConfigError(
-            "--data-dir",
-            f"{data_dir}: datasets on object storage are not supported yet; copy the prepared "
-            "dataset to a path every node sees (a shared mount) and pass that",
-        )
 
 
 def plan_or_exit(

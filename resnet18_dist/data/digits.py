@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from resnet18_dist import storage
 from resnet18_dist.cache import cache_root
 from resnet18_dist.data.manifest import MANIFEST
 from resnet18_dist.data.prepare import PrepareOptions, PrepareResult, prepare_dataset
@@ -48,7 +49,12 @@ def prepare_digits(out: Path, quiet: bool = True, **options: object) -> PrepareR
 
 
 def dataset_dir(data_dir: str | None) -> Path:
-    """The prepared dataset a run reads: ``--data-dir``, or the built-in digits by default."""
+    """The prepared dataset a run reads: ``--data-dir`` (a local path, or object storage copied
+    into this node's cache), or the built-in digits by default."""
+    if storage.is_remote(data_dir):
+        from resnet18_dist.data.remote import fetch_dataset
+
+        return fetch_dataset(data_dir)
     return Path(data_dir) if data_dir else ensure_digits_dataset()
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from resnet18_dist import __version__
+from resnet18_dist import __version__, storage
 from resnet18_dist.atomic import atomic_write_text
 from resnet18_dist.config import RESUME_THIS_RUN, TrainConfig
 from resnet18_dist.data.digits import dataset_dir
@@ -201,7 +201,10 @@ def describe_run(
     """What "auto" resolved to, stored in run_info.json, every checkpoint and the report."""
     unwrapped = run.setup.unwrapped
     return {
-        "data_dir": str(data.manifest.root),
+        # A bucket's URI, not this node's cached copy of it: export and reruns fetch it there.
+        "data_dir": cfg.data.data_dir
+        if storage.is_remote(cfg.data.data_dir)
+        else str(data.manifest.root),
         "image_size": data.policy.image_size,
         "augment": data.policy.augment,
         "stem": run.spec.stem,

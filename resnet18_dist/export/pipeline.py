@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from resnet18_dist.atomic import WriteError, atomic_write_text, staged_directory
 from resnet18_dist.checkpoint_file import CheckpointError
+from resnet18_dist.data.digits import dataset_dir
 from resnet18_dist.data.manifest import DatasetError, Manifest
 from resnet18_dist.data.policy import DataPolicy
 from resnet18_dist.data.torch_loader import ShardDataset, eval_transform
@@ -165,7 +166,10 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
     data_dir = opts.data_dir or (state.get("resolved") or {}).get("data_dir")
     if not data_dir:
         raise ExportError(f"{opts.checkpoint}: no dataset recorded; pass --data-dir")
-    manifest = Manifest.load(data_dir)
+    try:
+        manifest = Manifest.load(dataset_dir(data_dir))  # a bucket's dataset is fetched first
+    except DatasetError as exc:
+        raise ExportError(str(exc)) from exc
     if manifest.classes != meta.classes:
         raise ExportError(f"{data_dir}: classes {manifest.classes} differ from the model's")
     mopts = MeasureOptions(
