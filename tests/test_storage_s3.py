@@ -232,6 +232,14 @@ def test_a_dataset_in_a_bucket_is_copied_once_per_node_and_every_shard_checked(
     for rel in shards:
         assert (local / rel).read_bytes() == (digits_dataset / rel).read_bytes()
 
+    # Hashed on the way in: the DALI guard's check accepts the copy without reading it again.
+    from resnet18_dist.data import integrity
+
+    hashed: list[Path] = []
+    monkeypatch.setattr(integrity, "sha256_file", lambda path: hashed.append(path) or "")
+    assert all(integrity.verify_split(copy, split, "on") for split in ("train", "val", "test"))
+    assert hashed == []
+
     # Cached: a second call (another rank, a later run) downloads nothing.
     fetched.clear()
     assert fetch_dataset(uri, cache=cache) == local and fetched == []

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from resnet18_dist.atomic import atomic_write_text
 from resnet18_dist.cache import cache_root
-from resnet18_dist.data.manifest import DatasetError, Manifest, parse_index
+from resnet18_dist.data.manifest import SPLITS, DatasetError, Manifest, parse_index
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +84,42 @@ def verify_split(manifest: Manifest, split: str, mode: str = "auto") -> bool:
     fresh: dict[str, list] = {}
     for i, info in enumerate(shards):
         path = manifest.root / info.path
-        st = path.stat()
-        key = [st.st_size, st.st_mtime_ns, st.st_ino, info.sha256]
+        key = _stamp_key(path, info.sha256)
         if stamps.get(info.path) == key:
             fresh[info.path] = key
             continue
-        if st.st_size != info.bytes or sha256_file(path) != info.sha256:
+        if key[0] != info.bytes or sha256_file(path) != info.sha256:
             raise DatasetError(
                 describe_corruption(manifest, split, i)
                 + ". Re-prepare the dataset (launch/prepare_data.py)."
             )
         fresh[info.path] = key
     if fresh != stamps:
-        try:
-            atomic_write_text(stamp_path, json.dumps(fresh) + "\n")
-        except OSError as exc:  # a read-only cache only costs a re-check next time
-            log.debug("could not record verified shards in %s: %s", stamp_path, exc)
+        _write_stamps(stamp_path, fresh)
     return True
+
+
+def mark_verified(manifest: Manifest) -> None:
+    """Record every shard as verified, for a copy whose shards were hashed as they were written
+    (a dataset fetched from object storage): the first run on it does not read them twice."""
+    for split in SPLITS:
+        stamps = {
+            info.path: _stamp_key(manifest.root / info.path, info.sha256)
+            for info in manifest.shards[split]
+        }
+        _write_stamps(_stamp_path(manifest, split), stamps)
+
+
+def _stamp_key(path: Path, sha256: str) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, sha256]
+
+
+def _write_stamps(path: Path, stamps: dict[str, list]) -> None:
+    try:
+        atomic_write_text(path, json.dumps(stamps) + "\n")
+    except OSError as exc:  # a read-only cache only costs a re-check next time
+        log.debug("could not record verified shards in %s: %s", path, exc)
 
 
 def _stamp_path(manifest: Manifest, split: str) -> Path:
