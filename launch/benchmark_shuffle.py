@@ -84,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="torchvision,dali")
     args = parser.parse_args(argv)
 
+    from resnet18_dist.data.digits import dataset_dir
     from resnet18_dist.data.manifest import Manifest
     from resnet18_dist.data.policy import DataPolicy
     from resnet18_dist.machine import machine_description
 
-    manifest = Manifest.load(args.data_dir)
+    manifest = Manifest.load(dataset_dir(args.data_dir))  # a bucket URI is fetched first
     policy = DataPolicy(manifest.native_size or 32, "none")  # the order, not augmentation
     n = manifest.counts["train"]
     print(f"machine: {machine_description(args.threads)}")

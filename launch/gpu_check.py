@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": None,
     }
     if args.tiny:
-        data_dir: Path | None = Path(args.data_dir) if args.data_dir else None
+        data_dir: str | Path | None = args.data_dir  # a path or a bucket URI, passed on as is
         device = ["--use-gpu", "off"]
         bench = [
             ("benchmark-16", ["--sizes", "16", "--batch-size", "8"]),
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_common = ["--steps", "2", "--warmup", "1", *device]
     else:
         if args.data_dir:
-            data_dir = Path(args.data_dir)
+            data_dir = args.data_dir
         else:
             data_dir, step = prepare_cifar(out, work, step_timeout(), args.cifar_tar)
             steps.append(step)

@@ -44,6 +44,12 @@ class DataConfig(Options):
         "the cache with every shard's sha256 checked. Default: the built-in scikit-learn "
         "digits, prepared into a cache on first use.",
     )
+    manifest_sha256: str | None = opt(
+        None,
+        "The sha256 of a --data-dir on object storage's manifest.json, pinned by the launcher "
+        "so that every node of the run copies the same version.",
+        cli=False,
+    )
     image_size: int = opt(
         0,
         "Training/eval image size in px. 0 = the data's native size if <= 64 px, else 224.",

@@ -145,19 +145,18 @@ def download(uri: str, local: Path) -> Path:
 
 def stream_to_file(uri: str, local: Path, chunk: int = 8 << 20) -> str:
     """Copy one remote file into ``local`` a chunk at a time (a checkpoint or a shard may be
-    larger than memory), flushed to disk; returns its sha256. The caller renames it into place."""
+    larger than memory), flushed to disk; returns its sha256. The caller renames it into place.
+    A failure to read is a StorageError naming ``uri``; a failure to write (a full disk) is the
+    OSError itself, for the caller to name its own directory."""
     fs, path = filesystem(uri)
     digest = hashlib.sha256()
-
-    def copy() -> None:
-        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
-            while block := src.read(chunk):
-                digest.update(block)
-                dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-
-    _wrap(uri, "download", copy)
+    src = _wrap(uri, "open", fs.open_input_stream, path)
+    with src, open(local, "wb") as dst:
+        while block := _wrap(uri, "read", src.read, chunk):
+            digest.update(block)
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
     return digest.hexdigest()
 
 

@@ -183,12 +183,13 @@ def _upload(env: dict[str, str], local: Path, prefix: str) -> None:
             client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(local)}")
 
 
-def test_a_dataset_in_a_bucket_is_copied_once_per_node_and_every_shard_checked(
+def test_a_dataset_in_a_bucket_is_copied_once_and_every_shard_checked(
     s3: dict[str, str], digits_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import boto3
 
     from resnet18_dist import storage
+    from resnet18_dist.data import integrity
     from resnet18_dist.data.manifest import DatasetError, Manifest
     from resnet18_dist.data.remote import fetch_dataset
 
@@ -205,11 +206,11 @@ def test_a_dataset_in_a_bucket_is_copied_once_per_node_and_every_shard_checked(
     source = Manifest.load(digits_dataset)
     shards = [s.path for split in ("train", "val", "test") for s in source.shards[split]]
     cache = tmp_path / "cache"
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], **_creds(s3))
 
     # A shard that changed in the bucket after preparation: refused, naming it; no copy is made.
     _upload(s3, digits_dataset, "data/d")
-    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], **_creds(s3))
-    bad = shards[1]
+    bad = shards[-1]
     good_bytes = (digits_dataset / bad).read_bytes()
     broken = bytearray(good_bytes)
     broken[len(broken) // 2] ^= 0xFF
@@ -217,24 +218,21 @@ def test_a_dataset_in_a_bucket_is_copied_once_per_node_and_every_shard_checked(
     uri = f"s3://{BUCKET}/data/d"
     with pytest.raises(DatasetError, match=rf"{uri}/{bad}: sha256 .* differs"):
         fetch_dataset(uri, cache=cache)
-    done = [p for p in (cache / "remote-datasets").iterdir() if not p.name.startswith(".")]
-    assert done == []
+    made = (cache / "remote-datasets").iterdir()
+    assert [p for p in made if p.is_dir() and not p.name.startswith(".")] == []
     assert not list((cache / "remote-datasets").rglob(Path(bad).name)), "a bad shard was kept"
 
-    # Mended in the bucket: the next call fetches only what was not verified yet.
+    # Mended in the bucket: the next call fetches only the shard that was not verified yet.
     client.put_object(Bucket=BUCKET, Key=f"data/d/{bad}", Body=good_bytes)
     fetched.clear()
     local = fetch_dataset(uri, cache=cache)
-    tars = [u for u in fetched if u.endswith(".tar")]
-    assert len(tars) == len(shards) - 1, tars  # shard 0 was verified the first time
+    assert [u for u in fetched if u.endswith(".tar")] == [f"{uri}/{bad}"], fetched
     copy = Manifest.load(local)
     assert copy.counts == source.counts and copy.classes == source.classes
     for rel in shards:
         assert (local / rel).read_bytes() == (digits_dataset / rel).read_bytes()
 
     # Hashed on the way in: the DALI guard's check accepts the copy without reading it again.
-    from resnet18_dist.data import integrity
-
     hashed: list[Path] = []
     monkeypatch.setattr(integrity, "sha256_file", lambda path: hashed.append(path) or "")
     assert all(integrity.verify_split(copy, split, "on") for split in ("train", "val", "test"))
@@ -244,8 +242,97 @@ def test_a_dataset_in_a_bucket_is_copied_once_per_node_and_every_shard_checked(
     fetched.clear()
     assert fetch_dataset(uri, cache=cache) == local and fetched == []
 
+    # Not enough room in the cache for the shards: refused before a byte is fetched, naming it.
+    from resnet18_dist.data import remote
+
+    other = tmp_path / "small-cache"
+    full = shutil.disk_usage(tmp_path)._replace(free=1000)
+    with monkeypatch.context() as m:
+        m.setattr(remote.shutil, "disk_usage", lambda path: full)  # a disk we cannot fill here
+        fetched.clear()
+        with pytest.raises(DatasetError, match=rf"into {other}/remote-datasets: its shards need"):
+            fetch_dataset(uri, cache=other)
+        assert fetched == []
+
+    # A run pins the manifest its driver checked: another version is refused.
+    with pytest.raises(DatasetError, match="changed since this run started"):
+        fetch_dataset(uri, expect_sha256="0" * 64, cache=cache)
     with pytest.raises(DatasetError, match=rf"s3://{BUCKET}/data/none is not a prepared dataset"):
         fetch_dataset(f"s3://{BUCKET}/data/none", cache=cache)
+    # A manifest whose paths leave the dataset is refused before anything is written.
+    raw = json.loads((digits_dataset / "manifest.json").read_text())
+    raw["shards"]["train"][0]["path"] = "../../escaped.tar"
+    client.put_object(Bucket=BUCKET, Key="data/evil/manifest.json", Body=json.dumps(raw))
+    with pytest.raises(DatasetError, match="leaves the dataset"):
+        fetch_dataset(f"s3://{BUCKET}/data/evil", cache=cache)
+    assert not list(tmp_path.rglob("escaped.tar"))
+
+
+FETCH = """
+import sys
+from pathlib import Path
+from resnet18_dist import storage
+from resnet18_dist.data.remote import fetch_dataset
+real = storage.stream_to_file
+def counting(uri, local):
+    with open(sys.argv[3], "a") as log:
+        log.write(uri + "\\n")
+    return real(uri, local)
+storage.stream_to_file = counting
+print(fetch_dataset(sys.argv[1], cache=Path(sys.argv[2])))
+"""
+
+
+def test_ranks_on_a_node_share_one_copy_and_a_new_version_replaces_an_unused_one(
+    s3: dict[str, str], digits_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes at once (two ranks of a node) make one copy; a re-uploaded dataset is a new
+    copy, and the old one is deleted only when no process reads it any more."""
+    import boto3
+
+    from resnet18_dist.data.remote import fetch_dataset
+
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    uri, cache, log = f"s3://{BUCKET}/data/c", tmp_path / "cache", tmp_path / "gets.log"
+    _upload(s3, digits_dataset, "data/c")
+
+    def fetch_in(n: int) -> list[Path]:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", FETCH, uri, str(cache), str(log)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, **s3},
+            )
+            for _ in range(n)
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+        return [Path(out.strip().splitlines()[-1]) for out, _ in outs]
+
+    first, second = fetch_in(2)
+    assert first == second
+    tars = [u for u in log.read_text().split() if u.endswith(".tar")]
+    n_shards = len(list(digits_dataset.rglob("*.tar")))
+    assert len(tars) == len(set(tars)) == n_shards, tars  # each shard fetched once, not twice
+
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], **_creds(s3))
+    raw = json.loads((digits_dataset / "manifest.json").read_text())
+
+    def reupload(version: int) -> None:  # the same shards, a manifest that differs
+        client.put_object(
+            Bucket=BUCKET, Key="data/c/manifest.json", Body=json.dumps({**raw, "v": version})
+        )
+
+    reupload(2)
+    held = fetch_dataset(uri, cache=cache)  # this process reads version 2 from now on
+    assert held != first and not first.exists()  # version 1 was no longer read by anyone
+    reupload(3)
+    (third,) = fetch_in(1)
+    assert third not in (first, held) and (third / "manifest.json").is_file()
+    assert (held / "manifest.json").is_file(), "a copy still in use was deleted"
 
 
 def test_a_missing_bucket_is_a_clear_error_before_training(
@@ -273,6 +360,21 @@ def test_a_missing_bucket_is_a_clear_error_before_training(
     )
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "--data-dir" in out.stderr and f"{nodata} is not a prepared dataset" in out.stderr
+
+    # A manifest in the bucket that is not one of ours: refused by the driver, nothing fetched.
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], **_creds(s3))
+    client.put_object(Bucket=BUCKET, Key="odd/manifest.json", Body=b'{"format": "other"}')
+    out = launch(
+        "train",
+        *("--data-dir", f"s3://{BUCKET}/odd", "--epochs", "1"),
+        *train_args(Path("unused"), "odd", 1),
+        env={**os.environ, **s3},
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"s3://{BUCKET}/odd/manifest.json: unknown format 'other'" in out.stderr, out.stderr
 
 
 def test_the_run_rule_on_a_bucket_with_pyarrow_uri_options(

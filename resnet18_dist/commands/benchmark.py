@@ -37,8 +37,8 @@ from resnet18_dist.options import Options, opt
 class BenchmarkOptions(Options):
     data_dir: str | None = opt(
         None,
-        "Prepared dataset read by the data-only and end-to-end rates, resized to each size. "
-        "Default: the built-in digits.",
+        "Prepared dataset read by the data-only and end-to-end rates, resized to each size "
+        "(a path, or s3:// / gs:// as for training). Default: the built-in digits.",
     )
     sizes: tuple[int, ...] = opt((224, 32), "Image sizes in px, comma-separated.", ge=8)
     batch_size: int = opt(256, "Training batch size.", ge=2)

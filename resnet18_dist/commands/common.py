@@ -28,10 +28,12 @@ def check_data(cfg: TrainConfig, gpu_workers_possible: bool) -> None:
         resolve_backend("dali", device)
     try:
         if storage.is_remote(cfg.data.data_dir):
-            from resnet18_dist.data.remote import read_remote_manifest
+            from resnet18_dist.data.remote import manifest_sha256, read_remote_manifest
 
-            # Only the manifest: each node's workers copy the shards into their own cache.
-            read_remote_manifest(cfg.data.data_dir)
+            # Only the manifest: each node's workers copy the shards into their own cache, of
+            # this version (pinned here, so a re-upload mid-run cannot split the nodes).
+            data, _ = read_remote_manifest(cfg.data.data_dir)
+            cfg.data.manifest_sha256 = manifest_sha256(data)
         else:
             Manifest.load(dataset_dir(cfg.data.data_dir))
     except DatasetError as exc:

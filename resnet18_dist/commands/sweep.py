@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
         require_train_v2()
         check_search(cfg)
         wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
-        check_data(cfg.train_config(), gpu_workers_possible=True)
+        fixed = cfg.train_config()
+        check_data(fixed, gpu_workers_possible=True)
+        cfg.data.manifest_sha256 = fixed.data.manifest_sha256  # every trial copies this version
         if cfg.run.resume not in (None, RESUME_THIS_RUN):
             raise ConfigError(
                 "--resume", "a sweep resumes itself: give --resume alone (or nothing)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 MANIFEST = "manifest.json"
@@ -77,11 +77,23 @@ class Manifest:
                 f"{root} is not a prepared dataset: {MANIFEST} is missing "
                 "(prepare one with `python launch/prepare_data.py --source SRC --out DIR`)"
             )
+        manifest = cls.parse(path.read_bytes(), root, str(path))
+        for split in SPLITS:
+            for shard in manifest.shards[split]:
+                for rel in (shard.path, shard.idx):
+                    if not (root / rel).is_file():
+                        raise DatasetError(f"{root / rel} listed in {path} is missing")
+        return manifest
+
+    @classmethod
+    def parse(cls, data: bytes, root: Path, where: str) -> Manifest:
+        """A manifest from its bytes, every field checked but no file looked at (``where``
+        names it in errors: a path, or a bucket URI read before anything is fetched)."""
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(data)
             if raw.get("format") != FORMAT:
                 raise DatasetError(
-                    f"{path}: unknown format {raw.get('format')!r}, expected {FORMAT}"
+                    f"{where}: unknown format {raw.get('format')!r}, expected {FORMAT}"
                 )
             shards = {split: [ShardInfo(**s) for s in raw["shards"][split]] for split in SPLITS}
             manifest = cls(
@@ -95,13 +107,16 @@ class Manifest:
                 max_side=int(raw["image"]["max_side"]),
                 raw=raw,
             )
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise DatasetError(f"{path} is malformed: {exc!r}") from exc
+        except DatasetError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON errors included
+            raise DatasetError(f"{where} is malformed: {exc!r}") from exc
         for split in SPLITS:
             for shard in manifest.shards[split]:
                 for rel in (shard.path, shard.idx):
-                    if not (root / rel).is_file():
-                        raise DatasetError(f"{root / rel} listed in {path} is missing")
+                    # Paths stay inside the dataset: a copied manifest cannot write elsewhere.
+                    if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+                        raise DatasetError(f"{where}: shard path {rel!r} leaves the dataset")
         return manifest
 
 

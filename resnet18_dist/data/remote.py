@@ -8,20 +8,23 @@ hashes local files, and a bucket read every epoch pays the transfer every epoch.
 node serves every epoch, every rank on the node and every later run of the same dataset.
 
 The copy is keyed by the URI and the manifest's own sha256, so a re-prepared dataset under the
-same prefix is a new copy, never a mix of old and new shards. Files land under a staging
-directory first and the finished copy appears by one rename, so a killed download leaves
-nothing a reader would take for a dataset; shards already verified in an interrupted staging
-copy are kept and not fetched again.
+same prefix is a new copy, never a mix of old and new shards; the driver pins the manifest it
+checked (``DataConfig.manifest_sha256``) and a worker that finds another one in the bucket
+stops, so every node of a run trains on the same data. Files land under a staging directory
+first and the finished copy appears by one rename, so a killed download leaves nothing a reader
+would take for a dataset; shards already verified in an interrupted staging copy are kept.
+Every process using a copy holds a shared lock on it until it exits, and an older copy is
+deleted only when nobody holds it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
+from typing import IO
 
 from resnet18_dist import storage
 from resnet18_dist.cache import cache_root
@@ -32,9 +35,13 @@ log = logging.getLogger(__name__)
 
 REMOTE_DATASETS = "remote-datasets"
 
+# Shared locks on the copies this process reads, held until it exits.
+_IN_USE: dict[Path, IO[str]] = {}
 
-def read_remote_manifest(uri: str) -> tuple[bytes, dict]:
-    """The manifest's bytes and JSON, without fetching any shard (what the driver checks)."""
+
+def read_remote_manifest(uri: str) -> tuple[bytes, Manifest]:
+    """The manifest's bytes, parsed and checked as a local one is, without fetching a shard
+    (what the driver checks before any worker starts)."""
     where = storage.join(uri, MANIFEST)
     try:
         data = storage.read_bytes(where)
@@ -43,72 +50,113 @@ def read_remote_manifest(uri: str) -> tuple[bytes, dict]:
             f"{uri} is not a prepared dataset: cannot read {where} ({exc}); upload a directory "
             "written by `python launch/prepare_data.py`"
         ) from exc
-    try:
-        raw = json.loads(data)
-        for split in SPLITS:
-            for shard in raw["shards"][split]:
-                shard["path"], shard["idx"], shard["sha256"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{where} is malformed: {exc!r}") from exc
-    return data, raw
+    return data, Manifest.parse(data, Path(), where)
 
 
-def fetch_dataset(uri: str, cache: Path | None = None) -> Path:
+def manifest_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch_dataset(uri: str, expect_sha256: str | None = None, cache: Path | None = None) -> Path:
     """The local copy of the dataset at ``uri`` on this node, downloaded and verified on first
-    use. Safe to call from several ranks at once: a file lock makes one of them fetch it."""
-    data, raw = read_remote_manifest(uri)
+    use. ``expect_sha256`` is the manifest the run was started with: another one in the bucket
+    (a re-upload since) is refused. Safe to call from several ranks at once: a file lock makes
+    one of them fetch it."""
+    data, manifest = read_remote_manifest(uri)
+    digest = manifest_sha256(data)
+    if expect_sha256 and digest != expect_sha256:
+        raise DatasetError(
+            f"{storage.join(uri, MANIFEST)} changed since this run started (sha256 {digest[:16]}, "
+            f"the run checked {expect_sha256[:16]}): the dataset was uploaded again; rerun the "
+            "command so that every node reads one version"
+        )
     base = (cache or cache_root()) / REMOTE_DATASETS
     uri_key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    target = base / f"{uri_key}-{hashlib.sha256(data).hexdigest()[:16]}"
-    if (target / MANIFEST).is_file():
-        return target
-    base.mkdir(parents=True, exist_ok=True)
-    with open(base / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    target = base / f"{uri_key}-{digest[:16]}"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        _hold(target)
         if not (target / MANIFEST).is_file():
-            _download(uri, raw, data, target)
+            with open(base / f".{target.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (target / MANIFEST).is_file():
+                    _download(uri, manifest, data, target)
+                    # Every shard was hashed on its way in: the DALI guard need not read it again.
+                    mark_verified(Manifest.load(target))
             _drop_older_copies(base, uri_key, target)
-            # Every shard was hashed on its way in: the DALI guard need not read it again.
-            mark_verified(Manifest.load(target))
-    Manifest.load(target)  # the copy is whole: every listed shard and index is there
-    return target
+    except storage.StorageError as exc:  # the bucket's side
+        raise DatasetError(str(exc)) from exc
+    except OSError as exc:  # the local side: a full disk, a read-only cache
+        raise DatasetError(
+            f"cannot copy {uri} into {base}: {exc} (free space there, or point "
+            f"$RESNET18_DIST_CACHE at a larger disk)"
+        ) from exc
+    return Manifest.load(target).root  # the copy is whole: every listed file is there
 
 
-def _download(uri: str, raw: dict, manifest_bytes: bytes, target: Path) -> None:
+def _hold(target: Path) -> None:
+    if target not in _IN_USE:
+        handle = open(target.with_name(f".{target.name}.inuse"), "w")  # noqa: SIM115 held open
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _IN_USE[target] = handle
+
+
+def _download(uri: str, manifest: Manifest, manifest_bytes: bytes, target: Path) -> None:
     stage = target.with_name(f".{target.name}.part")
-    shards = [s for split in SPLITS for s in raw["shards"][split]]
-    total = sum(int(s.get("bytes", 0)) for s in shards)
+    shards = [s for split in SPLITS for s in manifest.shards[split]]
+    total = sum(s.bytes for s in shards)
+    stage.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(stage).free
+    if free < total:
+        raise DatasetError(
+            f"cannot copy {uri} into {target.parent}: its shards need {total / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free (point $RESNET18_DIST_CACHE at a larger disk)"
+        )
     log.warning("copying the dataset %s (%.1f MB) to %s", uri, total / 1e6, target)
     for shard in shards:
-        dst = stage / shard["path"]
-        if dst.is_file() and sha256_file(dst) == shard["sha256"]:
+        dst = stage / shard.path
+        if dst.is_file() and sha256_file(dst) == shard.sha256:
             continue  # verified in an interrupted earlier copy
         dst.parent.mkdir(parents=True, exist_ok=True)
         part = dst.with_name(dst.name + ".part")
-        src = storage.join(uri, shard["path"])
+        src = storage.join(uri, shard.path)
         try:
             got = storage.stream_to_file(src, part)
-            if got != shard["sha256"]:
+            if got != shard.sha256:
                 raise DatasetError(
-                    f"{src}: sha256 {got} differs from {shard['sha256']} in its manifest; the "
+                    f"{src}: sha256 {got} differs from {shard.sha256} in its manifest; the "
                     "shard changed after preparation (prepare the dataset again and re-upload it)"
                 )
             part.replace(dst)
-        except storage.StorageError as exc:
-            raise DatasetError(f"{src}: {exc}") from exc
         finally:
             part.unlink(missing_ok=True)
-    # Index files are small and carry no hash: fetched every time a copy is made.
-    for shard in shards:
-        storage.download(storage.join(uri, shard["idx"]), stage / shard["idx"])
+    # Index files are small and carry no hash in the manifest; Manifest.load and the first
+    # parse_index check their shape.
+    extras = [s.idx for s in shards]
     if storage.exists(storage.join(uri, REJECTS)):
-        storage.download(storage.join(uri, REJECTS), stage / REJECTS)
+        extras.append(REJECTS)
+    for rel in extras:
+        part = stage / f"{rel}.part"
+        try:
+            storage.stream_to_file(storage.join(uri, rel), part)
+            part.replace(stage / rel)
+        finally:
+            part.unlink(missing_ok=True)
     (stage / MANIFEST).write_bytes(manifest_bytes)  # last: its presence marks a whole copy
     stage.replace(target)
 
 
 def _drop_older_copies(base: Path, uri_key: str, keep: Path) -> None:
-    """Copies of an earlier version of the same URI: the bucket no longer holds that data."""
-    for old in base.glob(f"{uri_key}-*"):
-        if old != keep and old.is_dir():
+    """Copies (and unfinished copies) of an earlier version of the same URI: the bucket no
+    longer holds that data. One another process still reads is left for a later run."""
+    for old in sorted(base.glob(f"{uri_key}-*")) + sorted(base.glob(f".{uri_key}-*.part")):
+        name = old.name.lstrip(".").removesuffix(".part")
+        if name == keep.name or not old.is_dir():
+            continue
+        with open(base / f".{name}.inuse", "w") as in_use, open(base / f".{name}.lock", "w") as lk:
+            try:
+                fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # still read, or still being fetched
             shutil.rmtree(old, ignore_errors=True)

@@ -82,8 +82,8 @@ class ExportOptions(Options):
     out: str | None = opt(None, "Output directory (replaced atomically).", required=True)
     data_dir: str | None = opt(
         None,
-        "Prepared dataset for verification and calibration. Default: the one the checkpoint "
-        "was trained on.",
+        "Prepared dataset for verification and calibration (a path, or s3:// / gs:// as for "
+        "training). Default: the one the checkpoint was trained on.",
     )
     calibration_images: int = opt(512, "Validation images for INT8 calibration.", ge=1)
     calibration_method: str = opt(
