@@ -92,6 +92,13 @@ def fetch_remote_checkpoint(uri: str) -> Path:
         return _fetch(uri)
     except storage.StorageError as exc:  # unreachable endpoint, no credentials, ...
         raise CheckpointError(str(exc)) from exc
+    except OSError as exc:  # the local side: a full disk, a read-only cache
+        from resnet18_dist.cache import cache_root
+
+        raise CheckpointError(
+            f"cannot copy {uri} into the cache {cache_root()}: {exc} (free space there, or "
+            "point $RESNET18_DIST_CACHE at a larger disk)"
+        ) from exc
 
 
 def _fetch(uri: str) -> Path:

@@ -290,6 +290,7 @@ def test_ranks_on_a_node_share_one_copy_and_a_new_version_replaces_an_unused_one
     copy, and the old one is deleted only when no process reads it any more."""
     import boto3
 
+    from resnet18_dist.data import remote
     from resnet18_dist.data.remote import fetch_dataset
 
     for key, value in s3.items():
@@ -333,6 +334,8 @@ def test_ranks_on_a_node_share_one_copy_and_a_new_version_replaces_an_unused_one
     (third,) = fetch_in(1)
     assert third not in (first, held) and (third / "manifest.json").is_file()
     assert (held / "manifest.json").is_file(), "a copy still in use was deleted"
+    remote._IN_USE.pop(held).close()  # as when this process would exit
+    assert fetch_dataset(uri, cache=cache) == third and not held.exists()  # the next fetch drops it
 
 
 def test_a_missing_bucket_is_a_clear_error_before_training(

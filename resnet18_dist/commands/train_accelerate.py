@@ -50,7 +50,15 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
         except ConfigError as exc:
             parser.error(str(exc))
         plan = plan_or_exit(parser, cfg)
-        decision = [(cfg.run.name, str(plan.run_dir), plan.resume_from, wandb_mode)]
+        decision = [
+            (
+                cfg.run.name,
+                str(plan.run_dir),
+                plan.resume_from,
+                wandb_mode,
+                cfg.data.manifest_sha256,  # a bucket's dataset: every rank copies this version
+            )
+        ]
         print(
             f"accelerate: {runtime.world_size} process(es), {accelerator.distributed_type}, "
             f"device {runtime.device}, mixed precision {accelerator.mixed_precision}, "
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
             flush=True,
         )
     broadcast_object_list(decision, from_process=0)
-    cfg.run.name, run_dir_text, resume_from, wandb_mode = decision[0]
+    cfg.run.name, run_dir_text, resume_from, wandb_mode, cfg.data.manifest_sha256 = decision[0]
     from pathlib import Path
 
     run_dir = Path(run_dir_text)

@@ -107,16 +107,18 @@ class Manifest:
                 max_side=int(raw["image"]["max_side"]),
                 raw=raw,
             )
+            for split in SPLITS:
+                for shard in manifest.shards[split]:
+                    int(shard.bytes), int(shard.count)
+                    for rel in (shard.path, shard.idx):
+                        # Paths stay inside the dataset: a copied manifest cannot write elsewhere.
+                        parts = PurePosixPath(rel).parts
+                        if PurePosixPath(rel).is_absolute() or not parts or ".." in parts:
+                            raise DatasetError(f"{where}: shard path {rel!r} leaves the dataset")
         except DatasetError:
             raise
         except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON errors included
             raise DatasetError(f"{where} is malformed: {exc!r}") from exc
-        for split in SPLITS:
-            for shard in manifest.shards[split]:
-                for rel in (shard.path, shard.idx):
-                    # Paths stay inside the dataset: a copied manifest cannot write elsewhere.
-                    if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
-                        raise DatasetError(f"{where}: shard path {rel!r} leaves the dataset")
         return manifest
 
 

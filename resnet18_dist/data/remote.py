@@ -76,14 +76,16 @@ def fetch_dataset(uri: str, expect_sha256: str | None = None, cache: Path | None
     try:
         base.mkdir(parents=True, exist_ok=True)
         _hold(target)
+        # Every fetch (not only a new copy's) drops the versions nobody reads any more: one
+        # still in use the last time is deleted by a later run, and room is made before a copy.
+        _drop_older_copies(base, uri_key, target)
         if not (target / MANIFEST).is_file():
-            with open(base / f".{target.name}.lock", "w") as lock:
+            with open(base / f".{target.name}.lock", "a+") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not (target / MANIFEST).is_file():
                     _download(uri, manifest, data, target)
                     # Every shard was hashed on its way in: the DALI guard need not read it again.
                     mark_verified(Manifest.load(target))
-            _drop_older_copies(base, uri_key, target)
     except storage.StorageError as exc:  # the bucket's side
         raise DatasetError(str(exc)) from exc
     except OSError as exc:  # the local side: a full disk, a read-only cache
@@ -96,7 +98,8 @@ def fetch_dataset(uri: str, expect_sha256: str | None = None, cache: Path | None
 
 def _hold(target: Path) -> None:
     if target not in _IN_USE:
-        handle = open(target.with_name(f".{target.name}.inuse"), "w")  # noqa: SIM115 held open
+        # "a+": readable too, as a shared lock needs on NFS (where flock is a byte-range lock).
+        handle = open(target.with_name(f".{target.name}.inuse"), "a+")  # noqa: SIM115 held open
         fcntl.flock(handle, fcntl.LOCK_SH)
         _IN_USE[target] = handle
 
@@ -106,11 +109,14 @@ def _download(uri: str, manifest: Manifest, manifest_bytes: bytes, target: Path)
     shards = [s for split in SPLITS for s in manifest.shards[split]]
     total = sum(s.bytes for s in shards)
     stage.mkdir(parents=True, exist_ok=True)
+    # What an interrupted copy already holds is not needed again.
+    staged = sum(s.bytes for s in shards if _size(stage / s.path) == s.bytes)
     free = shutil.disk_usage(stage).free
-    if free < total:
+    if free < total - staged:
         raise DatasetError(
-            f"cannot copy {uri} into {target.parent}: its shards need {total / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free (point $RESNET18_DIST_CACHE at a larger disk)"
+            f"cannot copy {uri} into {target.parent}: its shards need "
+            f"{(total - staged) / 1e9:.2f} GB more, {free / 1e9:.2f} GB are free (point "
+            "$RESNET18_DIST_CACHE at a larger disk)"
         )
     log.warning("copying the dataset %s (%.1f MB) to %s", uri, total / 1e6, target)
     for shard in shards:
@@ -146,14 +152,25 @@ def _download(uri: str, manifest: Manifest, manifest_bytes: bytes, target: Path)
     stage.replace(target)
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 def _drop_older_copies(base: Path, uri_key: str, keep: Path) -> None:
     """Copies (and unfinished copies) of an earlier version of the same URI: the bucket no
-    longer holds that data. One another process still reads is left for a later run."""
+    longer holds that data. One another process still reads is left for a later fetch. Their
+    two empty lock files stay: deleting a lock file another process may be opening is a race."""
     for old in sorted(base.glob(f"{uri_key}-*")) + sorted(base.glob(f".{uri_key}-*.part")):
         name = old.name.lstrip(".").removesuffix(".part")
         if name == keep.name or not old.is_dir():
             continue
-        with open(base / f".{name}.inuse", "w") as in_use, open(base / f".{name}.lock", "w") as lk:
+        with (
+            open(base / f".{name}.inuse", "a+") as in_use,
+            open(base / f".{name}.lock", "a+") as lk,
+        ):
             try:
                 fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
