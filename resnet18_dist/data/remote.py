@@ -28,7 +28,7 @@ from typing import IO
 
 from resnet18_dist import storage
 from resnet18_dist.cache import cache_root
-from resnet18_dist.data.integrity import mark_verified, sha256_file
+from resnet18_dist.data.integrity import mark_verified
 from resnet18_dist.data.manifest import MANIFEST, REJECTS, SPLITS, DatasetError, Manifest
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def fetch_dataset(uri: str, expect_sha256: str | None = None, cache: Path | None
             f"cannot copy {uri} into {base}: {exc} (free space there, or point "
             f"$RESNET18_DIST_CACHE at a larger disk)"
         ) from exc
-    return Manifest.load(target).root  # the copy is whole: every listed file is there
+    return target  # the caller's Manifest.load checks that every listed file is there
 
 
 def _hold(target: Path) -> None:
@@ -121,8 +121,10 @@ def _download(uri: str, manifest: Manifest, manifest_bytes: bytes, target: Path)
     log.warning("copying the dataset %s (%.1f MB) to %s", uri, total / 1e6, target)
     for shard in shards:
         dst = stage / shard.path
-        if dst.is_file() and sha256_file(dst) == shard.sha256:
-            continue  # verified in an interrupted earlier copy
+        if _size(dst) == shard.bytes:
+            # Kept from an interrupted copy: a shard takes its real name only once its hash
+            # matched (below), so it is not read again.
+            continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         part = dst.with_name(dst.name + ".part")
         src = storage.join(uri, shard.path)
@@ -142,12 +144,7 @@ def _download(uri: str, manifest: Manifest, manifest_bytes: bytes, target: Path)
     if storage.exists(storage.join(uri, REJECTS)):
         extras.append(REJECTS)
     for rel in extras:
-        part = stage / f"{rel}.part"
-        try:
-            storage.stream_to_file(storage.join(uri, rel), part)
-            part.replace(stage / rel)
-        finally:
-            part.unlink(missing_ok=True)
+        storage.download(storage.join(uri, rel), stage / rel)
     (stage / MANIFEST).write_bytes(manifest_bytes)  # last: its presence marks a whole copy
     stage.replace(target)
 
