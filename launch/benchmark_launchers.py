@@ -102,7 +102,9 @@ def _run(repo: Path, launcher: str, out: Path, name: str, args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--data-dir", default=None, help="Prepared dataset (default: digits).")
     parser.add_argument("--epochs", type=int, default=15)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--data-dir", default=None, help="Prepared dataset (default: digits).")
     parser.add_argument("--epochs", type=int, default=4, help="Measured epochs per loop.")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -178,7 +178,7 @@ def ort_profile(model: str, int8: bool, threads: int, batch: int, images: list[b
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--model", required=True, help="An export directory (launch/export.py).")
     ap.add_argument("--int8", action="store_true", help="Serve model.int8.onnx.")
     ap.add_argument("--requests", type=int, default=400, help="Requests per concurrency level.")

@@ -75,7 +75,9 @@ def _pearson(a: list[int], b: list[int]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--data-dir", required=True, help="A prepared dataset.")
     parser.add_argument("--epochs", type=int, default=3, help="Epochs to read (pairs = this - 1).")

@@ -42,7 +42,7 @@ def trial_training_s(run_dir: Path) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--num-samples", type=int, default=4)
     ap.add_argument("--max-epochs", type=int, default=3)
     ap.add_argument("--grace-period", type=int, default=1)

@@ -206,7 +206,7 @@ def write_figures(out: Path, figures: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu-check"), help="Output dir.")
     parser.add_argument("--tiny", action="store_true", help="CPU, digits, toy sizes.")
     parser.add_argument("--no-train", action="store_true", help="Skip the training run.")

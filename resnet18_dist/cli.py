@@ -14,6 +14,7 @@ from resnet18_dist.options import (
     ConfigError,
     FieldType,
     Options,
+    absolute_path,
     bounds_text,
     default_of,
     flag,
@@ -40,7 +41,10 @@ def build_parser(
         epilog=epilog,
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # `--num-worker 2` must be an error, not a run of `--num-workers 2`.
+        allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     if config_file:
         layout = "with sections " + "/".join(cls.sections()) if cls.sections() else "of options"
         parser.add_argument(
@@ -65,12 +69,24 @@ def build_parser(
     return parser
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("resnet18-dist")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _help(f: Any, ftype: FieldType) -> str:
     default = default_of(f)
     shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
     bounds = bounds_text(f)
     text = f.metadata["help"] + (f" ({bounds})" if bounds else "")
-    if not f.metadata.get("required"):
+    if f.metadata.get("required"):
+        text += " (required)"
+    # Defaults that say nothing (none, an empty string or list, off) are left out of --help.
+    elif shown not in (None, "", False) and not f.metadata.get("positional"):
         text += f" (default: {shown})"
     return text.replace("%", "%%")
 
@@ -117,6 +133,28 @@ def merged_dict(cls: type[Options], ns: argparse.Namespace) -> dict[str, Any]:
             raw[section][name] = value
         elif not sectioned:
             raw[key] = value
+    return absolute_paths(cls, raw)
+
+
+def absolute_paths(cls: type[Options], raw: dict[str, Any]) -> dict[str, Any]:
+    """Every path option of ``raw`` (flags or ``--config`` YAML) made absolute against this
+    process's working directory: Ray Train runs each worker, and Tune each trial, in a
+    directory of its own, where a relative path would name another place."""
+    for section, f, _ in cls.option_fields():
+        keywords = f.metadata.get("path")
+        if keywords is None:
+            continue
+        if section and not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        where = raw[section] if section else raw
+        # A relative default (`--output-dir runs`) is resolved too, and so recorded absolute.
+        value = where.get(f.name, default_of(f))
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            where[f.name] = type(value)(absolute_path(v, keywords) for v in value)
+        elif isinstance(value, str):
+            where[f.name] = absolute_path(value, keywords)
     return raw
 
 

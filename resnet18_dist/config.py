@@ -43,6 +43,7 @@ class DataConfig(Options):
         "uploaded to object storage (s3://bucket/prefix, gs://...), copied once per node into "
         "the cache with every shard's sha256 checked. Default: the built-in scikit-learn "
         "digits, prepared into a cache on first use.",
+        path=True,
     )
     manifest_sha256: str | None = opt(
         None,
@@ -167,6 +168,7 @@ class ModelConfig(Options):
         "Start from these weights: `torchvision` (ImageNet weights, needs the internet), a "
         "torchvision-format state-dict file, or a checkpoint / run directory of this project. "
         "The head is replaced for the data's classes.",
+        path=("torchvision",),
     )
     freeze: str = opt(
         "none",
@@ -285,11 +287,13 @@ class DistillConfig(Options):
         None,
         "Distil from this teacher: a checkpoint or run directory of this project, or a "
         "torchvision ResNet name (resnet34, resnet50, ...) with --teacher-weights.",
+        path=TORCHVISION_TEACHERS,
     )
     teacher_weights: str | None = opt(
         None,
         "For a torchvision teacher: a state-dict file, or `torchvision` for its ImageNet weights "
         "(needs the internet; only for 1000-class data).",
+        path=("torchvision",),
     )
     temperature: float = opt(4.0, "Distillation temperature T.", gt=0)
     alpha: float = opt(
@@ -344,6 +348,7 @@ class RunConfig(Options):
         "Where run directories are created (Ray's storage_path): a local or shared path, or "
         "object storage, s3://bucket/prefix or gs://bucket/prefix (Ray launcher only; "
         "AWS_ENDPOINT_URL for an S3-compatible store).",
+        path=True,
     )
     seed: int = opt(0, "Seed for initialisation, shuffling and augmentation.")
     num_workers: str = opt(
@@ -399,6 +404,7 @@ class RunConfig(Options):
         nargs="?",
         const=RESUME_THIS_RUN,
         metavar="PATH",
+        path=(RESUME_THIS_RUN,),
     )
     fresh: bool = opt(
         False,

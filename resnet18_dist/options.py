@@ -32,6 +32,11 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(f"{option}: {message}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray sends a worker's exception to the driver pickled; the default reduce would call
+        # ConfigError(full_text) and fail on the missing argument, losing the message.
+        return (type(self), (self.option, self.message))
+
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -52,13 +57,16 @@ def opt(
     const: Any = None,
     metavar: str | None = None,
     cli: bool = True,
+    path: bool | tuple[str, ...] = False,
 ) -> Any:
     """A dataclass field with its CLI metadata and validation rules.
 
     ``ge``/``gt``/``le``/``lt`` bound a number (or every element of a tuple); ``required``
     refuses None; ``positional`` makes it a positional argument (with ``nargs``); ``nargs='?'``
     with ``const`` lets a flag stand alone (``--resume``); ``cli=False`` keeps an option out of
-    the parser (set by code or YAML only).
+    the parser (set by code or YAML only). ``path`` marks a local path (a tuple: words that are
+    not paths, such as ``torchvision``): the command line makes it absolute once, before any
+    Ray worker or trial (each in its own working directory) sees it.
     """
     meta: dict[str, Any] = {"help": help}
     for key, value in (
@@ -76,6 +84,8 @@ def opt(
     meta["required"] = required
     meta["positional"] = positional
     meta["cli"] = cli
+    if path:
+        meta["path"] = path if isinstance(path, tuple) else ()
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -298,6 +308,13 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError("--config", f"{p} must hold a mapping")
     return raw
+
+
+def absolute_path(value: str, keywords: tuple[str, ...] = ()) -> str:
+    """A local path option as an absolute path; keywords, URIs (``s3://``) and consts kept."""
+    if not isinstance(value, str) or not value or value in keywords or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def default_of(f: dataclasses.Field) -> Any:

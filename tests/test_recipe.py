@@ -4,6 +4,7 @@ the weight average (--ema-decay) as what is evaluated and exported, and the --re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -245,5 +246,7 @@ def test_recipe_sets_its_values_and_explicit_options_win(tmp_path: Path) -> None
     assert cfg.optim.label_smoothing == 0.0 and cfg.data.batch_size == 512
     cfg.dump_yaml(tmp_path / "run.yaml")
     assert TrainConfig.load_yaml(tmp_path / "run.yaml") == cfg
-    # Without --recipe nothing changes.
-    assert parse_options(TrainConfig, parser, []) == TrainConfig()
+    # Without --recipe nothing changes (but the default --output-dir, resolved once here).
+    expected = TrainConfig()
+    expected.run.output_dir = os.path.abspath("runs")
+    assert parse_options(TrainConfig, parser, []) == expected

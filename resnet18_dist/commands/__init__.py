@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0 if args else 2
+    if args[0] == "--version":
+        from resnet18_dist.cli import package_version
+
+        print(f"resnet18-dist {package_version()}")
+        return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(f"resnet18-dist: unknown command {name!r}\n\n{usage()}", file=sys.stderr)

@@ -39,6 +39,7 @@ class BenchmarkOptions(Options):
         None,
         "Prepared dataset read by the data-only and end-to-end rates, resized to each size "
         "(a path, or s3:// / gs:// as for training). Default: the built-in digits.",
+        path=True,
     )
     sizes: tuple[int, ...] = opt((224, 32), "Image sizes in px, comma-separated.", ge=8)
     batch_size: int = opt(256, "Training batch size.", ge=2)
@@ -60,7 +61,7 @@ class BenchmarkOptions(Options):
     channels_last: str = opt("auto", "channels_last, as for training.", choices=TRISTATE)
     use_gpu: str = opt("auto", "Use the first GPU: on, off, auto.", choices=TRISTATE)
     threads: int | None = opt(None, "CPU threads for the step. Default: all CPUs.", ge=1)
-    out: str | None = opt(None, "Also write the figures to this JSON file.")
+    out: str | None = opt(None, "Also write the figures to this JSON file.", path=True)
 
 
 class _Repeat:

@@ -17,9 +17,11 @@ from resnet18_dist.options import ConfigError, Options, opt
 
 @dataclass
 class CompareOptions(Options):
-    runs: list[str] = opt([], "Run directories.", positional=True, nargs="*")
-    sweep: str | None = opt(None, "A directory whose run directories (any depth) to compare.")
-    plot: str = opt("compare.png", "PNG to write.")
+    runs: list[str] = opt([], "Run directories.", positional=True, nargs="*", path=True)
+    sweep: str | None = opt(
+        None, "A directory whose run directories (any depth) to compare.", path=True
+    )
+    plot: str = opt("compare.png", "PNG to write.", path=True)
 
     def validate(self) -> None:
         if bool(self.runs) == bool(self.sweep):

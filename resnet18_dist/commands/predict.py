@@ -18,9 +18,14 @@ from resnet18_dist.options import Options, opt
 
 @dataclass
 class PredictOptions(Options):
-    images: list[str] = opt([], "Image files (any format PIL reads).", positional=True, nargs="+")
+    images: list[str] = opt(
+        [], "Image files (any format PIL reads).", positional=True, nargs="+", path=True
+    )
     model: str | None = opt(
-        None, "An export directory (from resnet18-dist export) or a .onnx file.", required=True
+        None,
+        "An export directory (from resnet18-dist export) or a .onnx file.",
+        required=True,
+        path=True,
     )
     top_k: int = opt(5, "Classes to print per image.", ge=1)
     int8: bool = opt(False, "Use model.int8.onnx.")

@@ -60,8 +60,9 @@ class PrepareOptions(Options):
         "An ImageFolder directory (root/<class>/<image>), CIFAR-10's cifar-10-batches-py "
         "directory (or its parent), or `digits` for scikit-learn's bundled digits.",
         required=True,
+        path=("digits",),
     )
-    out: str | None = opt(None, "Output directory (replaced atomically).", required=True)
+    out: str | None = opt(None, "Output directory (replaced atomically).", required=True, path=True)
     download: bool = opt(
         False, "Download CIFAR-10 into --source with torchvision first (needs the internet)."
     )

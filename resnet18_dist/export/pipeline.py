@@ -77,13 +77,17 @@ def _step(name: str) -> Iterator[None]:
 @dataclass
 class ExportOptions(Options):
     checkpoint: str | None = opt(
-        None, "A checkpoint file, checkpoint directory or run directory.", required=True
+        None,
+        "A checkpoint file, checkpoint directory or run directory.",
+        required=True,
+        path=True,
     )
-    out: str | None = opt(None, "Output directory (replaced atomically).", required=True)
+    out: str | None = opt(None, "Output directory (replaced atomically).", required=True, path=True)
     data_dir: str | None = opt(
         None,
         "Prepared dataset for verification and calibration (a path, or s3:// / gs:// as for "
         "training). Default: the one the checkpoint was trained on.",
+        path=True,
     )
     calibration_images: int = opt(512, "Validation images for INT8 calibration.", ge=1)
     calibration_method: str = opt(

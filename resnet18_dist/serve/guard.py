@@ -28,6 +28,10 @@ class ApiError(Exception):
         self.code = code
         self.detail = detail
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Raised inside a Serve replica and re-raised in the ingress: it crosses a pickle.
+        return (type(self), (self.status, self.code, self.detail))
+
 
 def error_body(status: int, code: str, detail: str) -> dict[str, Any]:
     return {"error": code, "status": status, "detail": detail}

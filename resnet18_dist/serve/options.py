@@ -16,7 +16,10 @@ MIB = 1024 * 1024
 @dataclass
 class ServeOptions(Options):
     model: str | None = opt(
-        None, "An export directory (from resnet18-dist export) holding model.onnx.", required=True
+        None,
+        "An export directory (from resnet18-dist export) holding model.onnx.",
+        required=True,
+        path=True,
     )
     int8: bool = opt(False, "Serve model.int8.onnx instead of model.onnx.")
     replicas: int | None = opt(
@@ -44,6 +47,7 @@ class ServeOptions(Options):
     api_key_file: str | None = opt(
         None,
         "File holding a bearer token: requests must send `Authorization: Bearer TOKEN`.",
+        path=True,
     )
     max_body_bytes: int = opt(8 * MIB, "Largest request body in bytes (413 beyond).", ge=1)
     max_pixels: int = opt(
