@@ -1,0 +1,210 @@
+"""Relative paths as users type them: resolved once in the launchers, so Ray workers and Tune
+trials (each in a working directory of its own) find the same files; and every project
+exception survives the pickle that carries it from a worker to the driver."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pickle
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import resnet18_dist
+from resnet18_dist.cli import build_parser, parse_options
+from resnet18_dist.options import Options
+
+# Every command's options class (the sweep's includes the training options).
+OPTION_CLASSES = {
+    "train": "resnet18_dist.config:TrainConfig",
+    "sweep": "tuning.space:SweepConfig",
+    "prepare": "resnet18_dist.data.prepare:PrepareOptions",
+    "export": "resnet18_dist.export.pipeline:ExportOptions",
+    "predict": "resnet18_dist.commands.predict:PredictOptions",
+    "serve": "resnet18_dist.serve.options:ServeOptions",
+    "compare": "resnet18_dist.commands.compare:CompareOptions",
+    "benchmark": "resnet18_dist.commands.benchmark:BenchmarkOptions",
+}
+# Field names that hold a path in this project; a new one must be declared with path=...
+PATH_NAMES = {
+    "data_dir",
+    "output_dir",
+    "resume",
+    "pretrained",
+    "teacher",
+    "teacher_weights",
+    "checkpoint",
+    "out",
+    "source",
+    "model",
+    "images",
+    "runs",
+    "sweep",
+    "plot",
+    "api_key_file",
+}
+
+
+def _load(spec: str) -> type[Options]:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _project_exceptions() -> list[type[BaseException]]:
+    found: dict[str, type[BaseException]] = {}
+    walk = pkgutil.walk_packages(resnet18_dist.__path__, "resnet18_dist.")
+    names = [m.name for m in walk if not m.name.endswith("__main__")]  # __main__ runs
+    for name in [*names, "tuning.space", "tuning.sweep", "tuning.trial"]:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # an optional extra (TensorRT...) that is not installed
+            continue
+        for obj in vars(module).values():
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, BaseException)
+                and obj.__module__.split(".")[0] in ("resnet18_dist", "tuning")
+            ):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return list(found.values())
+
+
+def _instance(cls: type[BaseException]) -> BaseException:
+    params = [
+        p
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self"
+        and p.default is inspect.Parameter.empty
+        and p.kind == p.POSITIONAL_OR_KEYWORD
+    ]
+    args = [413 if p.annotation in (int, "int") else f"{p.name} text" for p in params]
+    return cls(*args) if args else cls("a message naming /some/file")
+
+
+def test_every_project_exception_survives_pickle_with_its_message() -> None:
+    classes = _project_exceptions()
+    names = {c.__name__ for c in classes}
+    # The ones that crossed process boundaries before (and the two with their own __init__).
+    assert {"ConfigError", "ApiError", "CheckpointError", "DatasetError", "StorageError"} <= names
+    for cls in classes:
+        exc = _instance(cls)
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is cls and str(back) == str(exc), cls
+        assert vars(back) == vars(exc), cls
+
+
+@pytest.mark.parametrize("command", sorted(OPTION_CLASSES))
+def test_every_path_option_is_declared_and_made_absolute(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls = _load(OPTION_CLASSES[command])
+    monkeypatch.chdir(tmp_path)
+    for section, f, _ in cls.option_fields():
+        if f.name not in PATH_NAMES or not f.metadata.get("cli", True):
+            continue
+        assert "path" in f.metadata, f"{command}: --{f.name} holds a path but is not path=..."
+        raw: dict = {}
+        where = raw.setdefault(section, {}) if section else raw
+        where[f.name] = ["sub/a.jpg"] if f.metadata.get("nargs") in ("+", "*") else "sub/x"
+        from resnet18_dist.cli import absolute_paths
+
+        out = absolute_paths(cls, raw)
+        got = (out[section] if section else out)[f.name]
+        want = str(tmp_path / "sub" / ("a.jpg" if isinstance(got, list) else "x"))
+        assert (got[0] if isinstance(got, list) else got) == want, f.name
+        for keyword in f.metadata["path"]:  # words such as `torchvision` stay words
+            where[f.name] = keyword
+            assert (absolute_paths(cls, raw)[section] if section else raw)[f.name] == keyword
+        where[f.name] = "s3://bucket/prefix?endpoint_override=127.0.0.1:9000"
+        kept = (absolute_paths(cls, raw)[section] if section else raw)[f.name]
+        assert kept == "s3://bucket/prefix?endpoint_override=127.0.0.1:9000"
+
+
+def test_train_options_from_the_command_line_are_absolute_defaults_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_digits: Path
+) -> None:
+    from resnet18_dist.config import TrainConfig
+
+    monkeypatch.chdir(small_digits.parent)
+    parser = build_parser(TrainConfig, "")
+    cfg = parse_options(TrainConfig, parser, ["--data-dir", small_digits.name, "--resume"])
+    assert cfg.data.data_dir == str(small_digits)
+    assert cfg.run.output_dir == str(small_digits.parent / "runs")  # the default, resolved
+    assert cfg.run.resume == "this"
+    # A worker rebuilds the config from its dict in another directory: it still validates.
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_abbreviated_options_are_refused(small_digits: Path) -> None:
+    from resnet18_dist.config import TrainConfig
+
+    parser = build_parser(TrainConfig, "")
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--num-worker", "2"])
+    assert exc.value.code == 2
+
+
+def _cli(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    code = "from resnet18_dist.commands import main; import sys; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_relative_data_output_resume_teacher_and_pretrained_reach_ray_workers(
+    tmp_path: Path, digits_folder: Path
+) -> None:
+    """The README's own-data example as typed, then a run whose --resume, --teacher and
+    --pretrained are relative too: every worker validates them in its own directory."""
+    from tests.conftest import subset_folder
+
+    subset_folder(digits_folder, tmp_path / "src", per_class=20)
+    r = _cli(tmp_path, "prepare", "--source", "src", "--out", "data/x", "--quiet")
+    assert r.returncode == 0, r.stderr
+    common = ["--data-dir", "data/x", "--image-size", "8", "--quiet"]
+    r = _cli(tmp_path, "train", *common, "--epochs", "1", "--name", "r1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "runs" / "r1" / "report.json").is_file()
+    r = _cli(
+        tmp_path,
+        "train",
+        *common,
+        "--epochs",
+        "2",
+        "--name",
+        "r2",
+        "--resume",
+        "runs/r1/checkpoint_epoch0001",
+        "--teacher",
+        "runs/r1",
+        "--pretrained",
+        "runs/r1/model.pt",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "runs" / "r2" / "report.json").is_file()
+    lines = (tmp_path / "runs" / "r2" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # epoch 2 only: epoch 1 came from r1's checkpoint
+
+
+def test_a_worker_side_refusal_reaches_the_driver_as_one_clear_line() -> None:
+    """What Ray does with a worker's exception: pickle it, raise it again in the driver."""
+    from resnet18_dist.options import ConfigError
+
+    err = pickle.loads(pickle.dumps(ConfigError("--data-dir", "data/x is not a prepared dataset")))
+    assert str(err) == "--data-dir: data/x is not a prepared dataset"
+    assert err.option == "--data-dir"
