@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from resnet18_dist.options import absolute_path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -28,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--data-dir", default=None, help="Prepared dataset (default: digits).")
+    parser.add_argument(
+        "--data-dir", type=absolute_path, default=None, help="Prepared dataset (default: digits)."
+    )
     parser.add_argument("--image-size", type=int, default=0, help="0 = the data's native size.")
     parser.add_argument(
         "--augment",

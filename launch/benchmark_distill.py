@@ -17,13 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+from resnet18_dist.options import absolute_path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--data-dir", required=True, help="Prepared dataset.")
-    parser.add_argument("--out", default="runs/bench-distill", help="Where runs are written.")
+    parser.add_argument("--data-dir", type=absolute_path, required=True, help="Prepared dataset.")
+    parser.add_argument(
+        "--out", type=absolute_path, default="runs/bench-distill", help="Where runs are written."
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--student-epochs", type=int, default=10)
     parser.add_argument("--teacher-epochs", type=int, default=40)

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from resnet18_dist.options import absolute_path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--data-dir", default=None, help="Prepared dataset (default: digits).")
+    parser.add_argument(
+        "--data-dir", type=absolute_path, default=None, help="Prepared dataset (default: digits)."
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds.")
     parser.add_argument(

@@ -16,12 +16,16 @@ import sys
 import time
 from pathlib import Path
 
+from resnet18_dist.options import absolute_path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--data-dir", default=None, help="Prepared dataset (default: digits).")
+    parser.add_argument(
+        "--data-dir", type=absolute_path, default=None, help="Prepared dataset (default: digits)."
+    )
     parser.add_argument("--epochs", type=int, default=4, help="Measured epochs per loop.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=0, help="Cap steps per epoch (0 = all).")

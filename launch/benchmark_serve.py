@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from resnet18_dist.options import absolute_path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -179,14 +181,18 @@ def ort_profile(model: str, int8: bool, threads: int, batch: int, images: list[b
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    ap.add_argument("--model", required=True, help="An export directory (launch/export.py).")
+    ap.add_argument(
+        "--model", type=absolute_path, required=True, help="An export directory (launch/export.py)."
+    )
     ap.add_argument("--int8", action="store_true", help="Serve model.int8.onnx.")
     ap.add_argument("--requests", type=int, default=400, help="Requests per concurrency level.")
     ap.add_argument("--concurrency", default="1,8,32", help="Client concurrency levels.")
     ap.add_argument("--time-limit", type=float, default=60.0, help="Seconds per level at most.")
     ap.add_argument("--max-batch-size", type=int, default=16, help="Batching on: batch size.")
     ap.add_argument("--batch-wait-ms", type=float, default=2.0, help="Batching on: wait.")
-    ap.add_argument("--out", default="", help="Write the markdown result here too.")
+    ap.add_argument(
+        "--out", type=absolute_path, default="", help="Write the markdown result here too."
+    )
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     model_file = Path(args.model) / ("model.int8.onnx" if args.int8 else "model.onnx")

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from resnet18_dist.options import absolute_path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--data-dir", required=True, help="A prepared dataset.")
+    parser.add_argument("--data-dir", type=absolute_path, required=True, help="A prepared dataset.")
     parser.add_argument("--epochs", type=int, default=3, help="Epochs to read (pairs = this - 1).")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="DALI threads / loader workers.")

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from resnet18_dist.options import absolute_path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -47,7 +49,9 @@ def main() -> int:
     ap.add_argument("--max-epochs", type=int, default=3)
     ap.add_argument("--grace-period", type=int, default=1)
     ap.add_argument("--lr-range", default="0.001,5")
-    ap.add_argument("--out", default="", help="Write the markdown result here too.")
+    ap.add_argument(
+        "--out", type=absolute_path, default="", help="Write the markdown result here too."
+    )
     ap.add_argument("extra", nargs="*", help="More launch/sweep.py options (after --).")
     args = ap.parse_args()
 
