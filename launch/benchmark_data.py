@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from resnet18_dist.options import absolute_path
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from resnet18_dist.options import absolute_path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,10 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from resnet18_dist.options import absolute_path
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from resnet18_dist.options import absolute_path  # noqa: E402  (after the path)
 
 PHASES = ("start-up", "training", "checkpoint", "evaluation", "teardown", "other")
 

@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from resnet18_dist.options import absolute_path
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from resnet18_dist.options import absolute_path  # noqa: E402  (after the path)
 
 
 def trial_training_s(run_dir: Path) -> float:

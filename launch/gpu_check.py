@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resnet18_dist.options import absolute_path
-
 REPO = Path(__file__).resolve().parents[1]
 # The shared JPEGs: beside the checkout here; on the device machine, under a `shared/` in the
 # checkout (what the device tool carries), or wherever --cifar-tar says.
@@ -207,16 +205,21 @@ def write_figures(out: Path, figures: dict[str, Any]) -> None:
     tmp.replace(out / "figures.json")
 
 
+def _absolute(path: str) -> str:
+    # This script runs before the package is installed (on a bare GPU machine): no import.
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
-        "--out", type=absolute_path, default=os.environ.get("OUT", "gpu-check"), help="Output dir."
+        "--out", type=_absolute, default=os.environ.get("OUT", "gpu-check"), help="Output dir."
     )
     parser.add_argument("--tiny", action="store_true", help="CPU, digits, toy sizes.")
     parser.add_argument("--no-train", action="store_true", help="Skip the training run.")
     parser.add_argument("--no-benchmark", action="store_true", help="Skip the benchmarks.")
     parser.add_argument(
-        "--data-dir", type=absolute_path, help="A prepared dataset (default: CIFAR-10 from shared)."
+        "--data-dir", type=_absolute, help="A prepared dataset (default: CIFAR-10 from shared)."
     )
     parser.add_argument("--epochs", type=int, help="Training epochs (default: the recipe's).")
     parser.add_argument("--timeout", type=float, default=420, help="Seconds per step at most.")

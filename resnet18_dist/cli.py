@@ -86,7 +86,7 @@ def _help(f: Any, ftype: FieldType) -> str:
     if f.metadata.get("required"):
         text += " (required)"
     # Defaults that say nothing (none, an empty string or list, off) are left out of --help.
-    elif shown not in (None, "", False) and not f.metadata.get("positional"):
+    elif not (shown is None or shown == "" or shown is False or f.metadata.get("positional")):
         text += f" (default: {shown})"
     return text.replace("%", "%%")
 

@@ -8,6 +8,7 @@ and validation errors all name the same flag. Nothing here parses ``sys.argv``.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ AUGMENT_POLICIES = ("auto", "seed", "cifar", "trivialaugment", "autoaugment", "n
 BACKENDS = ("auto", "torchvision", "dali")
 STEMS = ("auto", "imagenet", "cifar")
 SE_REDUCTIONS = (0, 4, 8, 16, 32)
+WIDTH_MAX = 1.0  # --width narrows the network; 1.0 is the real ResNet
 SMALL_IMAGE_MAX = 64  # images this size or smaller get the CIFAR stem and the `cifar` policy
 TRISTATE = ("auto", "on", "off")
 
@@ -163,6 +165,15 @@ class ModelConfig(Options):
         choices=STEMS,
     )
     dropout: float = opt(0.0, "Dropout probability before the classifier head.", ge=0, lt=1)
+    width: float = opt(
+        1.0,
+        "Channel width multiplier: every stage's channel count (64/128/256/512) times this. "
+        "1.0 is the real network (ResNet18: 11.7M parameters); 0.25 has 1/16 of the weights "
+        "and compute, for trying out a cluster, a sweep or an elastic run in seconds. Stored "
+        "in checkpoints and exports, which rebuild the same width.",
+        gt=0,
+        le=WIDTH_MAX,
+    )
     pretrained: str | None = opt(
         None,
         "Start from these weights: `torchvision` (ImageNet weights, needs the internet), a "
@@ -334,10 +345,11 @@ class DistillConfig(Options):
         )
 
 
-AMP_MODES = ("auto", "bf16", "off")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PLACEMENTS = ("pack", "spread")
 RESUME_THIS_RUN = "this"  # `--resume` alone: the run named by --output-dir / --name
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what --name may hold (run and sweep names)
 
 
 @dataclass
@@ -384,7 +396,9 @@ class RunConfig(Options):
     )
     amp: str = opt(
         "auto",
-        "Mixed precision: bf16 autocast, off, or auto (bf16 on capable GPUs).",
+        "Mixed precision: bf16 autocast, fp16 autocast with a gradient scaler (CUDA only), "
+        "off, or auto: bf16 on GPUs with native bf16, fp16 on older GPUs, off on CPU; under "
+        "`accelerate launch --mixed_precision X`, X.",
         choices=AMP_MODES,
     )
     channels_last: str = opt(
@@ -460,10 +474,14 @@ class RunConfig(Options):
 
     def validate(self) -> None:
         self.worker_range()  # raises naming --num-workers
+        # One path component that means the same on a disk and in an s3:// / gs:// URI: a '#',
+        # '?' or '%' there would start a fragment or query (dropping ?endpoint_override=...) or
+        # be decoded into another prefix.
         check(
-            "/" not in self.name and self.name not in (".", ".."),
+            not self.name or bool(RUN_NAME.fullmatch(self.name) and self.name not in (".", "..")),
             "name",
-            f"must be a plain directory name (got {self.name!r})",
+            f"must be ASCII letters, digits, '.', '_' and '-' only ([A-Za-z0-9._-]), and not '.' "
+            f"or '..' (got {self.name!r})",
         )
         if self.resume not in (None, RESUME_THIS_RUN) and not is_remote(self.resume):
             check(os.path.exists(self.resume), "resume", f"{self.resume} does not exist")

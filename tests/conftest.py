@@ -142,6 +142,53 @@ def small_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def digits_run(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The README's main job, `python launch/train.py --num-workers 2`, on the digits: 2 DDP
+    workers under a private Ray, the default 15 epochs of the real ResNet18. One trained run
+    (its directory, its console) for every test that needs a trained model: the main job's bar,
+    the export, predict and the REST endpoint."""
+    out = tmp_path_factory.mktemp("main-job")
+    proc = launch(
+        "train",
+        *("--data-dir", str(digits_dataset)),
+        *train_args(out, "main", 2, quiet=False),  # the console a user sees
+        timeout=1200,
+        # A private Ray: never a cluster another test module runs on this machine.
+        env={**os.environ, "RAY_ADDRESS": "local"},
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return out / "main", log
+
+
+@pytest.fixture(scope="session")
+def digits_export(
+    digits_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:
+    """The main job's run exported (model.pt, ONNX FP32 and INT8, report), measured briefly;
+    (the export directory, the export's report)."""
+    from resnet18_dist.export.pipeline import ExportOptions, export_artifacts
+
+    out = tmp_path_factory.mktemp("main-export") / "digits"
+    report = export_artifacts(
+        ExportOptions(
+            checkpoint=str(digits_run[0]),
+            out=str(out),
+            threads=2,
+            latency_iters=EXPORT_LATENCY_ITERS,
+            throughput_seconds=0.5,
+            tensorrt=True,
+            wandb_mode="disabled",
+            quiet=True,
+        )
+    )
+    return out, report
+
+
+EXPORT_LATENCY_ITERS = 20
+
+
 def free_port() -> int:
     import socket
 

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import requests
+
+from resnet18_dist.integrations.ray_train import PRIVATE_RAY_ENV, PRIVATE_RAY_TRAIN_ENV
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TAG = "loopback_node_"  # a custom resource that names each node in Ray's own state
@@ -64,10 +67,19 @@ class LoopbackCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            # A lost node is declared dead after 5 missed 1 s health checks, not 5 x 3 s.
-            "RAY_health_check_period_ms": "1000",
-            "RAY_health_check_failure_threshold": "5",
+            # A lost node is declared dead after 4 missed 0.5 s health checks (2 s), not Ray's
+            # 5 x 3 s. A killed raylet refuses the connection at once; a live one, however
+            # busy, still has Ray's 10 s per check to answer.
+            "RAY_health_check_period_ms": "500",
+            "RAY_health_check_failure_threshold": "4",
+            # What the launcher sets for a private Ray (integrations/ray_train.py), which a
+            # `ray start` cluster does not get from it: no idle workers started in advance, and
+            # Ray Train's controller notices a failed, finished or resizable worker group
+            # within 0.2 s instead of 2 s (propagated from the driver to the controller).
+            **PRIVATE_RAY_ENV,
+            **PRIVATE_RAY_TRAIN_ENV,
         }
+        self._auth = {"Authorization": f"Bearer {token.read_text()}"}
         self.nodes: list[Node] = []
         # Short: Ray's socket paths under it must stay within the 107-byte AF_UNIX limit.
         self.temp_root = Path(tempfile.mkdtemp(prefix="r18c-", dir="/tmp"))
@@ -120,54 +132,76 @@ class LoopbackCluster:
             )
         node = Node(name, proc, log)
         self.nodes.append(node)
-        node.node_id = self._wait_for_node(node)
         return node
 
     def start_head(self, cpus: int = 0, resources: dict[str, float] | None = None) -> Node:
-        return self._start(
-            "head",
-            [
-                "--head",
-                *("--port", str(self.gcs_port)),
-                *("--dashboard-host", "127.0.0.1"),
-                *("--dashboard-port", str(self.dashboard_port)),
-                *("--include-dashboard", "true"),
-            ],
-            cpus,
-            resources or {},
+        return self._started(
+            self._start(
+                "head",
+                [
+                    "--head",
+                    *("--port", str(self.gcs_port)),
+                    *("--dashboard-host", "127.0.0.1"),
+                    *("--dashboard-port", str(self.dashboard_port)),
+                    *("--include-dashboard", "true"),
+                ],
+                cpus,
+                resources or {},
+            )
         )
 
     def add_node(self, name: str, cpus: int, resources: dict[str, float] | None = None) -> Node:
-        return self._start(name, ["--address", self.address], cpus, resources or {})
+        return self.add_nodes([name], cpus, resources)[0]
+
+    def add_nodes(
+        self, names: list[str], cpus: int, resources: dict[str, float] | None = None
+    ) -> list[Node]:
+        """Worker nodes started together (as an autoscaler would), back once all have joined."""
+        nodes = [self._start(n, ["--address", self.address], cpus, resources or {}) for n in names]
+        return [self._started(n) for n in nodes]
+
+    def _started(self, node: Node) -> Node:
+        node.node_id = self._wait_for_node(node)
+        return node
+
+    def state(self, kind: str, *filters: tuple[str, str, str]) -> list[dict]:
+        """Ray's State API (`ray list KIND --detail`) over HTTP from this process: polling it
+        costs no start of the `ray` CLI, seconds of CPU each on a 2-core machine."""
+        params: dict[str, object] = {"limit": 1000, "detail": "true", "timeout": 30}
+        for key, i in (("filter_keys", 0), ("filter_predicates", 1), ("filter_values", 2)):
+            params[key] = [f[i] for f in filters]
+        r = requests.get(
+            f"{self.dashboard}/api/v0/{kind}", params=params, headers=self._auth, timeout=60
+        )
+        r.raise_for_status()
+        return r.json()["data"]["result"]["result"]
 
     def alive_nodes(self) -> dict[str, str]:
-        """node id -> our node name, of the nodes the GCS holds alive (`ray list nodes`)."""
-        out = subprocess.run(
-            [RAY, "list", "nodes", "--address", self.address, "--format", "json", "--detail"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if out.returncode != 0 or not out.stdout.lstrip().startswith("["):
-            return {}  # the GCS is not up yet ("No resource in the cluster")
+        """node id -> our node name, of the nodes the GCS holds alive."""
         alive = {}
-        for n in json.loads(out.stdout):
+        for n in self.state("nodes"):
             if n["state"] == "ALIVE":
                 total = n.get("resources_total", {})
                 names = [r[len(TAG) :] for r in total if r.startswith(TAG)]
                 alive[n["node_id"]] = names[0] if names else "?"
         return alive
 
+    def _alive_nodes_or_none(self) -> dict[str, str] | None:
+        """None while the head's dashboard does not answer (starting, or too busy)."""
+        try:
+            return self.alive_nodes()
+        except (requests.RequestException, ValueError, KeyError):
+            return None
+
     def _wait_for_node(self, node: Node, timeout: float = 180) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if node.proc.poll() is not None:
                 raise RuntimeError(f"ray start {node.name} exited:\n{node.log.read_text()}")
-            for node_id, name in self.alive_nodes().items():
+            for node_id, name in (self._alive_nodes_or_none() or {}).items():
                 if name == node.name:
                     return node_id
-            time.sleep(1)
+            time.sleep(0.25)
         raise TimeoutError(f"node {node.name} did not join:\n{node.log.read_text()}")
 
     def kill(self, node: Node) -> list[int]:
@@ -185,10 +219,10 @@ class LoopbackCluster:
 
     def wait_until_dead(self, node: Node, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while node.node_id in self.alive_nodes():
+        while (alive := self._alive_nodes_or_none()) is None or node.node_id in alive:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the GCS still holds {node.name} alive")
-            time.sleep(1)
+            time.sleep(0.25)
 
     def shutdown(self) -> None:
         # Worker nodes first, then the head: SIGTERM is what `ray stop` sends each process.
@@ -206,3 +240,15 @@ class LoopbackCluster:
             except subprocess.TimeoutExpired:
                 node.proc.kill()
         shutil.rmtree(self.temp_root, ignore_errors=True)
+
+
+def registered_epoch(run_dir: Path) -> int:
+    """The newest epoch whose checkpoint Ray Train has registered (asynchronously, after the
+    workers' report; a file on disk alone is not enough): what a restarted worker group
+    restores. 0 before the first."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return 0
+    names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+    return max((int(n.removeprefix("checkpoint_epoch")) for n in names), default=0)

@@ -15,8 +15,6 @@ from PIL import Image
 
 from .conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -65,6 +63,9 @@ def _accelerate(*args: str) -> subprocess.CompletedProcess:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("runs")
     common = ["--output-dir", str(out), "--quiet", "--wandb-group", "cross-launcher"]
+    # Launchers, resume and logging, not learning: a ResNet18 at a quarter of the width (1/16
+    # of the compute), which every run (and the checkpoint it resumes) shares.
+    common += ["--width", "0.25"]
     logs = {}
     logs["acc"] = _accelerate(
         "--epochs", "1", "--name", "acc", "--wandb-mode", "offline", "--log-every", "2", *common
@@ -98,6 +99,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"out": out, **{k: v.stdout + v.stderr for k, v in logs.items()}}  # type: ignore[dict-item]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_accelerate_runs_two_ranks_and_writes_test_metrics(runs: dict) -> None:
     log = runs["acc"]
     assert "DDP worker rank 0/2" in log and "DDP worker rank 1/2" in log
@@ -109,6 +112,8 @@ def test_accelerate_runs_two_ranks_and_writes_test_metrics(runs: dict) -> None:
     assert (runs["out"] / "acc" / "checkpoint_epoch0001" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_checkpoints_resume_across_launchers(runs: dict) -> None:
     out = runs["out"]
     ray_report = json.loads((out / "ray" / "report.json").read_text())
@@ -136,6 +141,8 @@ def _leet(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_wandb_offline_run_reads_back_with_wandbs_reader(runs: dict) -> None:
     run_dirs = list((runs["out"] / "acc" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
@@ -168,6 +175,8 @@ def test_wandb_offline_run_reads_back_with_wandbs_reader(runs: dict) -> None:
     assert "step/loss" in text  # per-step logging
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_compare_prints_the_table_and_writes_a_plot(runs: dict, tmp_path: Path) -> None:
     out = runs["out"]
     png = tmp_path / "cmp.png"
@@ -206,3 +215,26 @@ def test_compare_prints_the_table_and_writes_a_plot(runs: dict, tmp_path: Path) 
     assert {"acc", "ray", "acc2"} <= set(names)  # every run below the directory, by name
     with Image.open(tmp_path / "sweep.png") as img:
         assert img.format == "PNG" and img.width > 800
+
+
+def test_wandb_needs_no_account_auto_is_offline_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What lets the runs above log to W&B on a machine with no account or network."""
+    from resnet18_dist.config import TrainConfig
+    from resnet18_dist.integrations.wandb import resolve_mode, run_tags
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a W&B key
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == "disabled"  # the environment wins over auto
+    assert resolve_mode("offline") == "offline"  # an explicit --wandb-mode wins over both
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert resolve_mode("auto") == "offline"
+    # The tags the comparison views group by: launcher, world size, architecture, SE.
+    cfg = TrainConfig.from_dict({"model": {"se_reduction": 8}})
+    assert run_tags(cfg, "accelerate", 2) == ["accelerate", "workers2", "resnet18", "se8"]

@@ -12,10 +12,6 @@ import pytest
 import torch
 
 from resnet18_dist.checkpoint_file import CheckpointError
-from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
-from resnet18_dist.engine.reporting import LocalReporter
-from resnet18_dist.engine.runtime import TorchRuntime
-from resnet18_dist.engine.session import run_training
 from resnet18_dist.export.artifact import model_from_checkpoint
 from resnet18_dist.export.onnx_export import read_metadata
 from resnet18_dist.export.pipeline import ExportOptions, export_artifacts
@@ -24,45 +20,30 @@ from resnet18_dist.model_meta import ExportMeta
 from resnet18_dist.models.model_file import load_model_pt
 from resnet18_dist.serve.classifier import OnnxClassifier, PredictError
 
-from .conftest import launch, load_launcher
+from .conftest import EXPORT_LATENCY_ITERS, launch, load_launcher
 
-pytestmark = pytest.mark.slow
-
-
-LATENCY_ITERS = 20
+LATENCY_ITERS = EXPORT_LATENCY_ITERS
 
 
 @pytest.fixture(scope="module")
-def trained_digits(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("digits-run")
-    cfg = TrainConfig(
-        data=DataConfig(data_dir=str(digits_dataset)),
-        # Long enough for confident predictions: a 6-epoch model (~93%) has so many near-ties
-        # that INT8 rounding flips a few of them, on some CPUs more than 1%.
-        optim=OptimConfig(epochs=12, patience=0),
-        run=RunConfig(quiet=True, wandb_mode="disabled", cpus_per_worker=2),
-    )
-    report = run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir), run_dir)
+def trained_digits(digits_run: tuple[Path, str]) -> Path:
+    """The README's main job on the digits (tests/conftest.py), trained once per session: a
+    confident model (a 6-epoch one, ~93%, has so many near-ties that INT8 rounding flips a few
+    of them, on some CPUs more than 1%)."""
+    run_dir = digits_run[0]
+    report = json.loads((run_dir / "report.json").read_text())
     assert report["test_top1"] > 0.95  # a trained model, not a random one
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def exported(trained_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("export") / "digits"
-    report = export_artifacts(
-        ExportOptions(
-            checkpoint=str(trained_digits),
-            out=str(out),
-            threads=2,
-            latency_iters=LATENCY_ITERS,
-            throughput_seconds=0.5,
-            tensorrt=True,
-        )
-    )
-    return out, report
+def exported(digits_export: tuple[Path, dict]) -> tuple[Path, dict]:
+    """Its export, made once per session (TensorRT asked for; skipped without CUDA)."""
+    return digits_export
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
 def test_all_artifacts_are_written_and_reported(exported: tuple[Path, dict]) -> None:
     out, report = exported
     names = {p.name for p in out.iterdir()}
@@ -97,6 +78,8 @@ def test_all_artifacts_are_written_and_reported(exported: tuple[Path, dict]) -> 
     assert json.loads((out / "report.json").read_text())["checks"] == report["checks"]
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
 def test_onnx_checker_passes_for_both_onnx_models(exported: tuple[Path, dict]) -> None:
     out, report = exported
     for name in ("model.onnx", "model.int8.onnx"):
@@ -108,6 +91,8 @@ def test_onnx_checker_passes_for_both_onnx_models(exported: tuple[Path, dict]) -
     assert report["checks"]["onnx_checker"] == {"model.onnx": "passed", "model.int8.onnx": "passed"}
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
 def test_onnx_fp32_agrees_with_pytorch_on_real_test_images(
     exported: tuple[Path, dict], digits_dataset: Path
 ) -> None:
@@ -125,6 +110,8 @@ def test_onnx_fp32_agrees_with_pytorch_on_real_test_images(
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
 def test_int8_agrees_with_fp32_on_99_percent_of_the_test_split(exported: tuple[Path, dict]) -> None:
     _, report = exported
     rows = {r["kind"]: r for r in report["rows"]}
@@ -138,6 +125,8 @@ def test_int8_agrees_with_fp32_on_99_percent_of_the_test_split(exported: tuple[P
     assert rows["torch_dynamic_int8"]["size_vs_onnx_fp32"] > 0.95
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
 def test_metadata_round_trip(exported: tuple[Path, dict], trained_digits: Path) -> None:
     out, _ = exported
     _, _, expected = model_from_checkpoint(trained_digits)
@@ -152,6 +141,8 @@ def test_metadata_round_trip(exported: tuple[Path, dict], trained_digits: Path) 
     assert from_onnx.mean == (0.485, 0.456, 0.406) and from_onnx.std == (0.229, 0.224, 0.225)
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
 def test_predict_classifies_real_jpegs(exported: tuple[Path, dict], digits_folder: Path) -> None:
     out, _ = exported
     files = [f for d in range(10) for f in sorted((digits_folder / str(d)).iterdir())[:5]]
@@ -182,6 +173,8 @@ def test_predict_classifies_real_jpegs(exported: tuple[Path, dict], digits_folde
     assert int8_correct >= 45
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
 def test_predict_reports_unreadable_images_and_goes_on(
     exported: tuple[Path, dict], digits_folder: Path, tmp_path: Path
 ) -> None:
@@ -214,12 +207,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
-def test_checkpoint_of_another_architecture_is_refused(
-    trained_digits: Path, tmp_path: Path
-) -> None:
+def test_checkpoint_of_another_architecture_is_refused(small_run: Path, tmp_path: Path) -> None:
     from resnet18_dist.checkpoint_file import load_checkpoint, write_checkpoint
 
-    state = load_checkpoint(trained_digits)
+    state = load_checkpoint(small_run)
     state.pop("_path")
     state["model_spec"] = {**state["model_spec"], "arch": "vgg16"}
     write_checkpoint(state, tmp_path / "vgg")
@@ -228,6 +219,7 @@ def test_checkpoint_of_another_architecture_is_refused(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("target", "step"),
     [
@@ -276,6 +268,8 @@ def test_a_failing_export_step_is_reported_by_name_and_writes_nothing(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
 def test_an_int8_model_that_loses_accuracy_fails_the_gate(
     trained_digits: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:

@@ -208,3 +208,36 @@ def test_a_worker_side_refusal_reaches_the_driver_as_one_clear_line() -> None:
     err = pickle.loads(pickle.dumps(ConfigError("--data-dir", "data/x is not a prepared dataset")))
     assert str(err) == "--data-dir: data/x is not a prepared dataset"
     assert err.option == "--data-dir"
+
+
+def test_a_dataset_too_small_for_the_batch_is_refused_before_ray_starts(
+    tmp_path: Path, small_digits: Path
+) -> None:
+    # 240 training images over 2 workers is 120 each, fewer than a batch of 200.
+    args = ["--data-dir", str(small_digits), "--num-workers", "2", "--batch-size", "200"]
+    r = _cli(tmp_path, "train", *args, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "--batch-size" in r.stderr and "120 per worker" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "runs").exists()
+
+
+def test_fresh_resume_into_the_moved_run_is_what_the_workers_validate(
+    tmp_path: Path, small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--fresh --resume runs/r1/checkpoint_epoch0001 --name r1``: the launcher moves r1 aside,
+    and the options it hands the workers (which validate them again) name the moved copy."""
+    import shutil
+
+    from resnet18_dist.commands.common import plan_or_exit
+    from resnet18_dist.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(small_run, tmp_path / "runs" / "r1")
+    parser = build_parser(TrainConfig, "")
+    args = ["--name", "r1", "--fresh", "--resume", "runs/r1/checkpoint_epoch0001"]
+    cfg = parse_options(TrainConfig, parser, [*args, "--epochs", "2"])
+    plan = plan_or_exit(parser, cfg)
+    assert Path(plan.moved_aside).name.startswith("r1.prev-")
+    worker_cfg = TrainConfig.from_dict(cfg.to_dict())  # raised "--resume: ... does not exist"
+    assert worker_cfg.run.resume == str(plan.resume_from)
+    assert Path(worker_cfg.run.resume).is_file()

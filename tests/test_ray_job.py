@@ -1,4 +1,5 @@
-"""Against a real `ray start --head` on loopback: `ray job submit -- python launch/train.py`."""
+"""The README's main job, and against a real `ray start --head` on loopback: `ray job submit --
+python launch/train.py` and `-- python launch/sweep.py`."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, launch, train_args
+from .conftest import REPO, train_args
 from .ray_cluster import RAY, LoopbackCluster
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+TINY = ("--width", "0.25")
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,39 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, di
         cluster.shutdown()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_main_job_trains_digits_with_two_ddp_workers_to_the_bar(
+    digits_run: tuple[Path, str], digits_export: tuple[Path, dict]
+) -> None:
+    """The README's main job (`python launch/train.py --num-workers 2`, run once per session in
+    tests/conftest.py): its console, its report, and the export the README does next."""
+    run_dir, log = digits_run
+    # Two DDP workers, one per rank, in one gloo process group.
+    assert re.search(r"DDP worker rank 0/2 .* process group gloo", log)
+    assert re.search(r"DDP worker rank 1/2 .* process group gloo", log)
+    # A readable console: one line per epoch from rank 0, none of Ray Train's per-rank
+    # `TrainingReport(...)` dicts or checkpoint lines (they come back with --verbose, see
+    # test_dali.py's Ray run).
+    assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
+    for epoch in range(1, 16):
+        assert len(re.findall(rf"epoch {epoch}/15: train loss", log)) == 1, epoch
+    # The main job's default epochs reach the digits accuracy bar, and the report is printed.
+    assert "test report (360 images" in log
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["resolved"]["world_size"] == 2
+    assert report["test_top1"] >= 0.95, report["test_top1"]
+    assert report["test_samples"] == 360
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_epoch*"))
+    assert len(checkpoints) == 2  # --keep-checkpoints 2: Ray deleted the older ones
+    # The README's next step on the main job's run: the export passes its checks (what makes
+    # launch/export.py exit 0; the exit codes are tested in test_export.py).
+    checks = digits_export[1]["checks"]
+    assert checks["int8_ok"] and checks["int8_top1_drop"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ray_job_submit_trains_digits_with_two_ddp_workers(
     ray_head: tuple[str, dict], tmp_path: Path
 ) -> None:
@@ -48,7 +82,9 @@ def test_ray_job_submit_trains_digits_with_two_ddp_workers(
             "--",
             "python",
             "launch/train.py",
-            *train_args(tmp_path, "job", quiet=False),  # the console a user sees
+            # The job's mechanics, not learning (the main job's bar is tested above): three
+            # epochs of a ResNet18 at a quarter of the width.
+            *train_args(tmp_path, "job", 2, "--epochs", "3", *TINY, quiet=False),
         ],
         env=env,
         capture_output=True,
@@ -61,28 +97,62 @@ def test_ray_job_submit_trains_digits_with_two_ddp_workers(
     # Two DDP workers, one per rank, in one gloo process group.
     assert re.search(r"DDP worker rank 0/2 .* process group gloo", log)
     assert re.search(r"DDP worker rank 1/2 .* process group gloo", log)
-    # A readable console: one line per epoch from rank 0, none of Ray Train's per-rank
-    # `TrainingReport(...)` dicts or checkpoint lines (they come back with --verbose, see
-    # test_dali.py's Ray run).
+    # The console a job shows is the launcher's: one line per epoch, no Ray Train dicts.
     assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
-    for epoch in range(1, 16):
-        assert len(re.findall(rf"epoch {epoch}/15: train loss", log)) == 1, epoch
-    # The main job's default epochs reach the digits accuracy bar, and the report is printed.
+    for epoch in range(1, 4):
+        assert len(re.findall(rf"epoch {epoch}/3: train loss", log)) == 1, epoch
     assert "test report (360 images" in log
     report = json.loads((tmp_path / "job" / "report.json").read_text())
-    assert report["resolved"]["world_size"] == 2
-    assert report["test_top1"] >= 0.95, report["test_top1"]
-    assert report["test_samples"] == 360
+    assert report["resolved"]["world_size"] == 2 and report["test_samples"] == 360
+    assert report["epochs_run"] == 3
     checkpoints = sorted(p.name for p in (tmp_path / "job").glob("checkpoint_epoch*"))
-    assert len(checkpoints) == 2  # --keep-checkpoints 2: Ray deleted the older ones
+    assert checkpoints == ["checkpoint_epoch0002", "checkpoint_epoch0003"]  # --keep-checkpoints 2
 
-    # The README's next step on the main job's run: the export passes its checks (exit 0).
-    export = launch(
-        "export",
-        *("--checkpoint", str(tmp_path / "job"), "--out", str(tmp_path / "export")),
-        *("--latency-iters", "20", "--throughput-seconds", "0.5", "--wandb-mode", "disabled"),
-        timeout=600,
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_job_submit_runs_a_small_sweep(
+    ray_head: tuple[str, dict], small_digits: Path, tmp_path: Path
+) -> None:
+    """A sweep as a Ray job on the same one-node cluster (one `ray start` for the module)."""
+    from .test_sweep import _rows, _sweep_args
+
+    address, env = ray_head
+    runtime_env = {"env_vars": {"RESNET18_DIST_CACHE": os.environ["RESNET18_DIST_CACHE"]}}
+    proc = subprocess.run(
+        [
+            RAY,
+            *("job", "submit", "--address", address, "--working-dir", str(REPO)),
+            *("--runtime-env-json", json.dumps(runtime_env), "--"),
+            "python",
+            "launch/sweep.py",
+            *_sweep_args(small_digits, tmp_path, "job", "--num-samples", "2", *TINY),
+            *("--max-epochs", "1", "--wandb-mode", "disabled", "--max-int8-drop", "100"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
-    assert export.returncode == 0, export.stderr[-3000:]
-    checks = json.loads((tmp_path / "export" / "report.json").read_text())["checks"]
-    assert checks["int8_ok"] and checks["int8_top1_drop"] <= 1.0
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "succeeded" in log
+    assert "The cluster has 2 CPU(s): 1 trial(s) fit at once" in log
+    rows = _rows(tmp_path / "job")
+    assert len(rows) == 2 and all(r["status"] != "error" for r in rows)
+    assert (tmp_path / "job" / "best" / "model.int8.onnx").is_file()
+
+
+def test_ray_workers_import_this_checkout_ahead_of_any_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A launcher's private Ray or `--address` cluster: the workers import this checkout (a
+    fresh clone need not be installed); a `ray job submit --working-dir` job gets its upload
+    on the path from Ray instead."""
+    from resnet18_dist.integrations.ray_train import _local_runtime_env
+
+    monkeypatch.setenv("PYTHONPATH", "/opt/elsewhere")
+    path = _local_runtime_env()["env_vars"]["PYTHONPATH"]
+    assert path.split(os.pathsep) == [str(REPO), "/opt/elsewhere"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert _local_runtime_env() == {"env_vars": {"PYTHONPATH": str(REPO)}}

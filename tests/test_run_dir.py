@@ -15,8 +15,6 @@ import pytest
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.slow
-
 
 def _cmd(script: str, data: Path, out: Path, *extra: str) -> list[str]:
     return [
@@ -45,6 +43,7 @@ def _epochs(run_dir: Path) -> list[int]:
     return [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").open()]
 
 
+@pytest.mark.slow
 def test_accelerate_path_resumes_refuses_extends_and_starts_fresh(
     small_digits: Path, tmp_path: Path
 ) -> None:
@@ -98,6 +97,7 @@ def test_accelerate_path_resumes_refuses_extends_and_starts_fresh(
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch*")) == ["checkpoint_epoch0001"]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_path_refuses_a_finished_run_before_ray_starts(
     small_run: Path, small_digits: Path

@@ -30,8 +30,6 @@ from resnet18_dist.options import ConfigError
 
 from .conftest import REPO, free_port, launch
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
 TOKEN = "test-token-0123456789abcdef"
 MAX_BODY = 200_000
 MAX_PIXELS = 10_000
@@ -43,37 +41,10 @@ MAX_BATCH = 4
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def exported(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model trained on the digits default (a few epochs) and exported (fp32 and int8)."""
-    from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
-    from resnet18_dist.engine.reporting import LocalReporter
-    from resnet18_dist.engine.runtime import TorchRuntime
-    from resnet18_dist.engine.session import run_training
-    from resnet18_dist.export.pipeline import ExportOptions, export_artifacts
-
-    run_dir = tmp_path_factory.mktemp("serve-run")
-    cfg = TrainConfig(
-        data=DataConfig(data_dir=str(digits_dataset)),
-        optim=OptimConfig(epochs=3, patience=0),
-        run=RunConfig(quiet=True, wandb_mode="disabled", cpus_per_worker=2),
-    )
-    report = run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir), run_dir)
-    assert report["test_top1"] > 0.5  # trained, not random
-    out = tmp_path_factory.mktemp("serve-export") / "digits"
-    export_artifacts(
-        ExportOptions(
-            checkpoint=str(run_dir),
-            out=str(out),
-            threads=2,
-            latency_iters=2,
-            throughput_seconds=0.1,
-            tensorrt=False,
-            wandb_mode="disabled",
-            max_int8_drop=100,
-            quiet=True,
-        )
-    )
-    return out
+def exported(digits_export: tuple[Path, dict]) -> Path:
+    """The README's main job on the digits, exported (fp32 and int8): made once per session
+    (tests/conftest.py) and shared with the export tests."""
+    return digits_export[0]
 
 
 @dataclass
@@ -180,6 +151,8 @@ def model_info(server: Server) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ 1. answers
+@pytest.mark.slow
+@pytest.mark.ray
 def test_classify_matches_predict(server: Server, exported: Path, digits_folder: Path) -> None:
     files = digit_files(digits_folder)
     cli = predict_cli(exported, files)
@@ -212,6 +185,8 @@ def test_classify_matches_predict(server: Server, exported: Path, digits_folder:
     assert right >= 0.5 * len(files)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_batch_endpoint_matches_predict_and_batches(
     server: Server, exported: Path, digits_folder: Path
 ) -> None:
@@ -233,6 +208,8 @@ def test_batch_endpoint_matches_predict_and_batches(
     assert [x["onnx_batch"] for x in results] == [MAX_BATCH] * len(files)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_int8_artifact_is_served(exported: Path, digits_folder: Path, tmp_path: Path) -> None:
     files = digit_files(digits_folder, per_class=1)
     cli = predict_cli(exported, files, "--int8")
@@ -499,6 +476,8 @@ def bad_requests(jpeg: bytes) -> list[tuple[str, dict[str, Any], int, str, str]]
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_bad_requests_get_json_errors_and_the_server_keeps_serving(
     server: Server, digits_folder: Path
 ) -> None:
@@ -562,6 +541,8 @@ def first_answer(held: list[socket.socket], wait: float) -> tuple[int, bytes] | 
     return i + 1, held[i].recv(65536)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_back_pressure_answers_503_then_recovers(server: Server, digits_folder: Path) -> None:
     before = model_info(server)["replica"]
     held: list[socket.socket] = []
@@ -613,6 +594,8 @@ def metrics_port(server: Server) -> int:
     raise AssertionError("no Ray session directory found under the server process")
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_metrics_are_exported_in_prometheus_format(server: Server) -> None:
     url = f"http://127.0.0.1:{metrics_port(server)}/metrics"
     wanted = [
@@ -642,6 +625,8 @@ def test_missing_export_dir_exits_2_naming_it(tmp_path: Path) -> None:
     assert f"--model: {missing}: no such export directory" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_incomplete_export_and_bad_options_exit_2(tmp_path: Path, exported: Path) -> None:
     empty = tmp_path / "half-export"
     empty.mkdir()
@@ -673,6 +658,8 @@ def test_incomplete_export_and_bad_options_exit_2(tmp_path: Path, exported: Path
 
 
 # ------------------------------------------------------------------------------ config file
+@pytest.mark.slow
+@pytest.mark.ray
 def test_serve_config_matches_ray_serves_schema(exported: Path) -> None:
     from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
@@ -708,6 +695,8 @@ def test_serve_config_matches_ray_serves_schema(exported: Path) -> None:
 
 
 # Last: it stops the module's server.
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ctrl_c_stops_the_server_cleanly(server: Server) -> None:
     assert stop_server(server) == 0, server.output()[-3000:]
     assert "stopped" in server.output()

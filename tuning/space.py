@@ -21,6 +21,7 @@ from resnet18_dist.config import (
     OptimConfig,
     RunConfig,
     TrainConfig,
+    apply_recipe,
 )
 from resnet18_dist.options import ConfigError, Options, check, flag, opt
 
@@ -119,6 +120,13 @@ class SweepConfig(Options):
     distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sweep: SweepOptions = field(default_factory=SweepOptions)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "--config") -> Any:
+        """As TrainConfig.from_dict: ``--recipe``'s presets under the given values. Applied here,
+        where the given values are still told apart from the defaults: the fixed training config
+        every trial copies has every option set, so a recipe applied later would change nothing."""
+        return super().from_dict(apply_recipe(raw) if isinstance(raw, dict) else raw, where)
 
     def validate(self) -> None:
         s = self.sweep

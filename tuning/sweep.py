@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resnet18_dist.options import ConfigError
+from resnet18_dist.cli import absolute_paths
+from resnet18_dist.options import ConfigError, coerce, default_of, flag, read_yaml
 from tuning.space import SEARCHED, SweepConfig, format_value, param_space
 from tuning.trial import METRIC, TIME_ATTR, run_trial, trial_run_name
 
@@ -77,6 +78,79 @@ def plan_trials(cfg: SweepConfig, use_gpu: bool) -> TrialPlan:
         )
     concurrent = min(cfg.sweep.max_concurrent or fits, fits)
     return TrialPlan(need, need_gpus, cfg.run.max_workers, cpw, fits, concurrent, total, gpus)
+
+
+# Options that say how this invocation runs, not what the sweep is: a rerun may change them.
+RUN_CONTROLS = {
+    ("run", "name"),
+    ("run", "output_dir"),  # with --name, where the sweep is: the same directory
+    ("run", "resume"),
+    ("run", "fresh"),
+    ("run", "quiet"),
+    ("run", "verbose"),
+    ("run", "address"),
+    ("run", "wandb_mode"),
+    ("sweep", "max_int8_drop"),  # the export's gate, applied when the sweep ends
+}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def check_same_sweep(cfg: SweepConfig, sweep_dir: Path) -> None:
+    """Refuse (ConfigError, exit code 2) to continue the sweep in ``sweep_dir`` with other
+    options than those it started with (its sweep_config.yaml): Tune would run the remaining
+    trials with the new ones and rank them with the old under one "best". ``--fresh`` starts
+    over, so there is nothing to compare. Tune's restore cannot add trials to a sweep either, so
+    another ``--num-samples`` is refused the same way."""
+    saved_file = sweep_dir / SWEEP_CONFIG
+    if cfg.run.fresh or not saved_file.is_file():
+        return
+    try:
+        # Made absolute as the command line's are (a sweep saved before that held them as
+        # typed, relative to where it was started: this directory, when rerun as it was).
+        saved = absolute_paths(SweepConfig, read_yaml(saved_file))
+    except ConfigError as exc:
+        raise ConfigError(
+            "--name",
+            f"{saved_file} cannot be read ({exc.message}); --fresh starts the sweep over (the "
+            "old one is kept, renamed)",
+        ) from exc
+    now = cfg.to_dict()
+    differ: list[tuple[str, str, str]] = []  # (flag, then, now)
+    for section, f, ftype in SweepConfig.option_fields():
+        if (section, f.name) in RUN_CONTROLS:
+            continue
+        where = saved.get(section) if section else saved
+        if not isinstance(where, dict) or f.name not in where:
+            then = default_of(f)  # an option newer than the sweep: it ran as the default
+        else:
+            try:
+                then = coerce(where[f.name], ftype, flag(f.name), f.metadata.get("choices"))
+            except ConfigError:
+                then = where[f.name]
+        value = now[section][f.name] if section else now[f.name]
+        if then == value:
+            continue
+        if f.name == "manifest_sha256":  # not an option: the pinned version of --data-dir
+            differ.append(("--data-dir", f"manifest sha256 {then}", f"{value} (re-uploaded)"))
+        else:
+            differ.append((flag(f.name), _shown(then), _shown(value)))
+    if not differ:
+        return
+    details = "; ".join(f"{name} was {then}, now {value}" for name, then, value in differ)
+    extra = ""
+    if any(name == "--num-samples" for name, _, _ in differ):
+        extra = " (Tune cannot add trials to a sweep it has started)"
+    raise ConfigError(
+        ", ".join(dict.fromkeys(name for name, _, _ in differ)),
+        f"{sweep_dir} holds a sweep started with other options: {details}{extra}. Give the "
+        "options it started with to continue it, --fresh to start it over (the old one is "
+        "kept, renamed), or another --name for a new sweep",
+    )
 
 
 def check_search(cfg: SweepConfig) -> None:
@@ -373,6 +447,7 @@ def export_best(
         project=cfg.run.wandb_project,
         name=f"export-{group}",
         group=group,
+        verbose=cfg.run.verbose,
     )
     return report
 
@@ -412,7 +487,8 @@ def finish_sweep(
     group = cfg.run.wandb_group or sweep_dir.name
     try:
         report = export_best(cfg, best, sweep_dir, wandb_mode, group)
-    except (CheckpointError, DatasetError, ExportError, WriteError) as exc:
+    # ConfigError: best/ exists and is not an earlier export (output_dir.check_output_dir).
+    except (CheckpointError, ConfigError, DatasetError, ExportError, WriteError) as exc:
         print(f"error: exporting the best trial failed: {exc}", file=sys.stderr)
         return 1
     if not cfg.run.quiet:

@@ -231,29 +231,30 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist benchmark") -
     setup_logging()
     probe = TrainConfig()
     probe.data.data_dir, probe.data.data_backend = opts.data_dir, opts.data_backend
+    probe.data.batch_size = opts.batch_size
+    threads = opts.threads or available_cpus()
     try:
-        check_data(probe, gpu_workers_possible=torch.cuda.is_available())
+        check_data(probe, gpu_workers_possible=torch.cuda.is_available(), world_size=1)
+        runtime = TorchRuntime(  # refuses an --amp this device cannot do
+            RunConfig(
+                use_gpu=opts.use_gpu,
+                amp=opts.amp,
+                channels_last=opts.channels_last,
+                cpus_per_worker=threads,
+            ),
+            rank=0,
+            world_size=1,
+            local_rank=0,
+            local_world_size=1,
+        )
     except ConfigError as exc:
         parser.error(str(exc))
-    threads = opts.threads or available_cpus()
-    runtime = TorchRuntime(
-        RunConfig(
-            use_gpu=opts.use_gpu,
-            amp=opts.amp,
-            channels_last=opts.channels_last,
-            cpus_per_worker=threads,
-        ),
-        rank=0,
-        world_size=1,
-        local_rank=0,
-        local_world_size=1,
-    )
     result: dict[str, Any] = {
         "device": str(runtime.device),
         "device_name": device_name(runtime.device),
         "machine": machine_description(threads),
         "torch": torch.__version__,
-        "amp": "bf16" if runtime.amp else "off",
+        "amp": runtime.amp_mode,
         "channels_last": runtime.channels_last,
         "compile": opts.compile,
         "batch_size": opts.batch_size,

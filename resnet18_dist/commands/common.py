@@ -7,13 +7,15 @@ import argparse
 from pathlib import Path
 
 from resnet18_dist import storage
-from resnet18_dist.config import TrainConfig
+from resnet18_dist.config import RESUME_THIS_RUN, TrainConfig
 from resnet18_dist.engine.rundir import RunPlan, default_run_name, plan_run
 from resnet18_dist.options import ConfigError
 
 
-def check_data(cfg: TrainConfig, gpu_workers_possible: bool) -> None:
-    """The dataset is prepared and readable, and DALI is present if asked for (ConfigError)."""
+def check_data(cfg: TrainConfig, gpu_workers_possible: bool, world_size: int | None = None) -> None:
+    """The dataset is prepared and readable, holds a full training batch for each of
+    ``world_size`` workers (default: --num-workers' MAX), and DALI is present if asked for
+    (ConfigError)."""
     # Light imports only: a Ray launcher starts Ray before torch has loaded.
     from resnet18_dist.data.digits import dataset_dir
     from resnet18_dist.data.manifest import DatasetError, Manifest
@@ -32,12 +34,23 @@ def check_data(cfg: TrainConfig, gpu_workers_possible: bool) -> None:
 
             # Only the manifest: each node's workers copy the shards into their own cache, of
             # this version (pinned here, so a re-upload mid-run cannot split the nodes).
-            data, _ = read_remote_manifest(cfg.data.data_dir)
+            data, manifest = read_remote_manifest(cfg.data.data_dir)
             cfg.data.manifest_sha256 = manifest_sha256(data)
         else:
-            Manifest.load(dataset_dir(cfg.data.data_dir))
+            manifest = Manifest.load(dataset_dir(cfg.data.data_dir))
     except DatasetError as exc:
         raise ConfigError("--data-dir", str(exc)) from exc
+    # The workers would find this too, but only after Ray and torch have started, as a
+    # traceback per worker. An elastic run's global batch is --batch-size x MAX at any size.
+    world = world_size or cfg.run.max_workers
+    train = manifest.counts.get("train", 0)
+    if train // world < cfg.data.batch_size:
+        raise ConfigError(
+            "--batch-size",
+            f"{cfg.data.data_dir or 'the digits'} has {train} training images: "
+            f"{train // world} per worker over {world} worker(s), fewer than --batch-size "
+            f"{cfg.data.batch_size}; lower --batch-size or --num-workers",
+        )
 
 
 def plan_or_exit(
@@ -65,6 +78,10 @@ def _plan(parser: argparse.ArgumentParser, cfg: TrainConfig, dry_run: bool) -> R
         parser.error(str(exc))
     if plan.describe() and not dry_run:
         print(plan.describe(), flush=True)
+    if not dry_run and cfg.run.resume not in (None, RESUME_THIS_RUN):
+        # --fresh may have moved the typed --resume PATH aside with the run: the workers (which
+        # validate the options again) and config.yaml get the checkpoint the plan resolved.
+        cfg.run.resume = None if plan.resume_from is None else str(plan.resume_from)
     return plan
 
 

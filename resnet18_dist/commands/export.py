@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist export") -> i
     from resnet18_dist.export.report import render_markdown
     from resnet18_dist.integrations.wandb import log_export
     from resnet18_dist.logs import setup_logging
+    from resnet18_dist.options import ConfigError
 
     setup_logging()
     out = Path(str(opts.out))
     try:
         report = export_artifacts(opts)
+    except ConfigError as exc:  # an --out that is not an earlier export, checked first
+        parser.error(str(exc))  # exits 2
     except (CheckpointError, DatasetError, ExportError, WriteError) as exc:
         print(f"error: {exc}\nnothing was written to {out}", file=sys.stderr)
         return 1

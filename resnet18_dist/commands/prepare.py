@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist prepare") -> 
     from resnet18_dist.data.prepare import prepare_dataset
     from resnet18_dist.data.sources import SourceError
     from resnet18_dist.logs import setup_logging
+    from resnet18_dist.options import ConfigError
 
     setup_logging()
     try:
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist prepare") -> 
             )
         else:
             result = prepare_dataset(opts)
+    except ConfigError as exc:  # --out that is not ours to replace, a layout it cannot read
+        parser.error(str(exc))  # exits 2
     except (SourceError, WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

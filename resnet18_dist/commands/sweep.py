@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     from tuning.sweep import (
         SWEEP_CONFIG,
         build_tuner,
+        check_same_sweep,
         check_search,
         default_sweep_name,
         finish_sweep,
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
             )
         if cfg.run.resume == RESUME_THIS_RUN and not (sweep_dir / SWEEP_CONFIG).is_file():
             raise ConfigError("--resume", f"{sweep_dir} holds no sweep to resume")
+        check_same_sweep(cfg, sweep_dir)  # a rerun continues the sweep it started, unchanged
     except ConfigError as exc:
         parser.error(str(exc))
     start_ray(cfg.run.address, cfg.run.verbose)  # with the dashboard: Train V2 needs its API

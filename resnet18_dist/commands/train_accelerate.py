@@ -11,11 +11,53 @@ as under Ray Train: `--resume` takes a run directory from either launcher.
 
 from __future__ import annotations
 
+import argparse
+import os
+import signal
 import sys
+import time
+from typing import NoReturn
 
 from resnet18_dist.cli import build_parser, parse_options
 from resnet18_dist.config import TrainConfig
 from resnet18_dist.options import ConfigError
+
+# How long rank 0 of a refused run waits for the launcher to stop it (see `exit_refused`).
+REFUSAL_LINGER_S = 10.0
+
+
+def on_stop_exit_with(code: int) -> None:
+    """Exit with ``code`` when the launcher stops this process (SIGTERM): torchrun stops every
+    other rank as soon as one exits, and a refused run's ranks are all leaving with ``code``."""
+
+    def handler(signum: int, frame: object) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def exit_refused(code: int, rank: int, world_size: int) -> NoReturn:
+    """Every rank leaves a refused run with the refusal's exit code (2), none killed by the
+    launcher in between. Rank 0, which printed why, leaves last: it waits until the launcher
+    stops it (after another rank's exit), or for REFUSAL_LINGER_S under a launcher that does
+    not stop ranks. torchrun / `accelerate launch` still exit 1 themselves for any failed rank;
+    their failure report shows each rank's code."""
+    on_stop_exit_with(code)
+    if rank == 0 and world_size > 1:
+        time.sleep(REFUSAL_LINGER_S)
+    sys.exit(code)
+
+
+def refuse_everywhere(parser: argparse.ArgumentParser, exc: ConfigError) -> NoReturn:
+    """A refusal every rank reaches by itself (the same check on each): rank 0 prints it."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    on_stop_exit_with(2)
+    if rank == 0:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+    exit_refused(2, rank, world_size)
 
 
 def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py") -> int:
@@ -35,37 +77,53 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
     from resnet18_dist.logs import setup_logging
 
     setup_logging()
-    accelerator = build_accelerator(cfg.run)
-    runtime = AcceleratorRuntime(cfg.run, accelerator)
-    # Rank 0 applies the run-name rule (it may move a directory aside); every rank then
-    # writes into the run directory it decided and resumes from the same checkpoint.
+    try:  # the same on every rank (an --amp this device cannot do)
+        accelerator = build_accelerator(cfg.run)
+        runtime = AcceleratorRuntime(cfg.run, accelerator)
+    except ConfigError as exc:
+        refuse_everywhere(parser, exc)
+    # Rank 0 checks the options and applies the run-name rule (it may move a directory aside);
+    # every rank then writes into the run directory it decided and resumes from the same
+    # checkpoint, or leaves with rank 0's refusal: its exit code instead of the plan.
     decision: list = [None]
     if runtime.is_main:
         try:
-            wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
-            refuse_remote_output(cfg.run.output_dir, "the accelerate launcher")
-            if cfg.run.elastic:  # accelerate's process count is fixed by `accelerate launch`
-                raise ConfigError("--num-workers", "MIN:MAX is for the Ray launcher")
-            check_data(cfg, gpu_workers_possible=runtime.device.type == "cuda")
-        except ConfigError as exc:
-            parser.error(str(exc))
-        plan = plan_or_exit(parser, cfg)
-        decision = [
-            (
-                cfg.run.name,
-                str(plan.run_dir),
-                plan.resume_from,
-                wandb_mode,
-                cfg.data.manifest_sha256,  # a bucket's dataset: every rank copies this version
+            try:
+                wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
+                refuse_remote_output(cfg.run.output_dir, "the accelerate launcher")
+                if cfg.run.elastic:  # accelerate's process count is fixed by `accelerate launch`
+                    raise ConfigError("--num-workers", "MIN:MAX is for the Ray launcher")
+                check_data(
+                    cfg,
+                    gpu_workers_possible=runtime.device.type == "cuda",
+                    world_size=runtime.world_size,
+                )
+            except ConfigError as exc:
+                parser.error(str(exc))
+            plan = plan_or_exit(parser, cfg)
+        except SystemExit as refused:  # parser.error has printed why; every rank exits so
+            code = refused.code if isinstance(refused.code, int) else 2
+            on_stop_exit_with(code)
+            decision = [code]
+        else:
+            decision = [
+                (
+                    cfg.run.name,
+                    str(plan.run_dir),
+                    plan.resume_from,
+                    wandb_mode,
+                    cfg.data.manifest_sha256,  # a bucket's dataset: every rank copies this
+                )
+            ]
+            print(
+                f"accelerate: {runtime.world_size} process(es), {accelerator.distributed_type}, "
+                f"device {runtime.device}, mixed precision {accelerator.mixed_precision}, "
+                f"run directory {plan.run_dir}",
+                flush=True,
             )
-        ]
-        print(
-            f"accelerate: {runtime.world_size} process(es), {accelerator.distributed_type}, "
-            f"device {runtime.device}, mixed precision {accelerator.mixed_precision}, "
-            f"run directory {plan.run_dir}",
-            flush=True,
-        )
     broadcast_object_list(decision, from_process=0)
+    if isinstance(decision[0], int):
+        exit_refused(decision[0], runtime.rank, runtime.world_size)
     cfg.run.name, run_dir_text, resume_from, wandb_mode, cfg.data.manifest_sha256 = decision[0]
     from pathlib import Path
 

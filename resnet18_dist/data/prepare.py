@@ -44,6 +44,7 @@ from resnet18_dist.data.sources import (
     open_source,
 )
 from resnet18_dist.options import Options, check, opt
+from resnet18_dist.output_dir import check_output_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +52,8 @@ R = TypeVar("R")
 
 # Below this many items a process pool costs more than it saves.
 POOL_MIN_ITEMS = 4000
+# What --out may be besides a new or empty directory: a dataset this command wrote.
+DATASET_MARK = (MANIFEST, FORMAT, "a prepared dataset")
 
 
 @dataclass
@@ -62,14 +65,21 @@ class PrepareOptions(Options):
         required=True,
         path=("digits",),
     )
-    out: str | None = opt(None, "Output directory (replaced atomically).", required=True, path=True)
+    out: str | None = opt(
+        None,
+        "Output directory: a new or empty one, or a dataset prepared before (replaced "
+        "atomically); any other existing directory is refused.",
+        required=True,
+        path=True,
+    )
     download: bool = opt(
         False, "Download CIFAR-10 into --source with torchvision first (needs the internet)."
     )
     split: tuple[float, float, float] = opt(
         (0.6, 0.2, 0.2),
-        "train,val,test fractions. If the source has its own test split it is kept, and the "
-        "rest is divided train:val in the train:val ratio.",
+        "train,val,test fractions. Splits the source has (CIFAR-10's test batch; the train/, "
+        "val/ and test/ folders of a pre-split tree) are kept, and each split it lacks is "
+        "divided off the rest in its ratio to train.",
         gt=0,
     )
     seed: int = opt(0, "Split and shuffle seed.")
@@ -138,37 +148,62 @@ def stratified_split(
     ratios: tuple[float, float, float],
     seed: int,
 ) -> dict[str, np.ndarray]:
-    """Indices per split. Items the source fixed to a split stay there (CIFAR's test batch); the
-    rest is divided train:val in the ratio of the train and val fractions (6:2 -> 3:1)."""
+    """Indices per split. Items the source put in val or test stay there (CIFAR's test batch,
+    an ImageNet-style root/val/); the rest (its train, or everything) is the pool, and each
+    split the source lacks is divided off it stratified, in its ratio to what remains: no
+    test -> the pool's test_r / (train_r + test_r) (all of test_r when val is missing too),
+    then no val -> val_r / (train_r + val_r). So a source with its own test split is divided
+    train:val 6:2 (CIFAR), one with its own val train:test 6:2, and one with neither 6:2:2."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
-    fixed_test = np.array([f == "test" for f in fixed], dtype=bool)
+    where = np.array([f or "" for f in fixed])
     train_r, val_r, test_r = ratios
+    parts = {s: idx[where == s] for s in ("val", "test") if (where == s).any()}
+    given = set(parts)
+    pool = idx[(where != "val") & (where != "test")]
     try:
-        if fixed_test.any():
-            test = idx[fixed_test]
-            rest = idx[~fixed_test]
-        else:
-            rest, test = train_test_split(
-                idx, test_size=test_r, stratify=labels, random_state=seed, shuffle=True
+        if "test" not in parts:
+            size = test_r / (train_r + test_r) if "val" in parts else test_r
+            pool, parts["test"] = train_test_split(
+                pool, test_size=size, stratify=labels[pool], random_state=seed, shuffle=True
             )
-        train, val = train_test_split(
-            rest,
-            test_size=val_r / (train_r + val_r),
-            stratify=labels[rest],
-            random_state=seed + 1,
-            shuffle=True,
-        )
+        if "val" not in parts:
+            pool, parts["val"] = train_test_split(
+                pool,
+                test_size=val_r / (train_r + val_r),
+                stratify=labels[pool],
+                random_state=seed + 1,
+                shuffle=True,
+            )
     except ValueError as exc:  # sklearn: a class too small to appear in every split
-        counts = np.bincount(labels)
+        counts = np.bincount(labels[pool])
         raise SourceError(
-            f"cannot split {len(labels)} images stratified by class (smallest class has "
+            f"cannot split {len(pool)} images stratified by class (smallest class has "
             f"{counts[counts > 0].min()} images): {exc}"
         ) from exc
-    # A fixed test split keeps the source's order; shuffle it too so shards are class-mixed.
-    test = np.random.default_rng(seed + 2).permutation(test)
-    return {"train": np.asarray(train), "val": np.asarray(val), "test": test}
+    # A split the source gave keeps its order (class by class); shuffle it too so shards are
+    # class-mixed. (test always was shuffled: seed + 2 keeps the existing datasets' bytes.)
+    test = np.random.default_rng(seed + 2).permutation(parts["test"])
+    val = parts["val"]
+    if "val" in given:
+        val = np.random.default_rng(seed + 3).permutation(val)
+    if given == {"val", "test"}:
+        pool = np.random.default_rng(seed + 4).permutation(pool)
+    return {"train": np.asarray(pool), "val": np.asarray(val), "test": test}
+
+
+def split_rule(given: list[str]) -> str:
+    """The manifest's words for how the splits were made, ``given`` the source's own splits."""
+    if given in ([], ["train"]):
+        return "stratified train/val/test by the split ratios"
+    kept = f"source {'/'.join(given)} split{'s' if len(given) > 1 else ''} kept"
+    missing = [s for s in ("val", "test") if s not in given]
+    if not missing:
+        return kept
+    if len(missing) == 2:
+        return f"{kept}; val and test divided off train by the split ratios"
+    return f"{kept}; {missing[0]} divided off the rest by the train:{missing[0]} ratio"
 
 
 def _num_shards(n: int, opts: PrepareOptions) -> int:
@@ -210,6 +245,8 @@ def prepare_dataset(opts: PrepareOptions, source_label: str | None = None) -> Pr
     """Validate, split and shard ``opts.source`` into ``opts.out``; see the module docstring."""
     start = time.perf_counter()
     src_path = Path(opts.source)
+    # Publishing replaces --out: refuse, before any work, one that holds anything else.
+    check_output_dir(str(opts.out), DATASET_MARK, {"--source": src_path})
     if opts.download:
         src_path = download_cifar10(src_path)
     source: ImageFolderSource | CifarBatchesSource = open_source(src_path)
@@ -251,7 +288,20 @@ def prepare_dataset(opts: PrepareOptions, source_label: str | None = None) -> Pr
     same = len(set(sides)) == 1 and sides[0][0] == sides[0][1]
     max_side = max(max(s) for s in sides)
 
-    splits = stratified_split(labels, [items[i].split for i in good], opts.split, opts.seed)
+    fixed = [items[i].split for i in good]
+    given = [s for s in SPLITS if s in fixed]
+    if "train" in given:  # pre-split: the model must see every class in training
+        train_counts = np.bincount(
+            [lab for lab, f in zip(labels, fixed, strict=True) if f == "train"],
+            minlength=len(source.classes),
+        )
+        missing = [source.classes[c] for c in np.flatnonzero(train_counts == 0)]
+        if missing:
+            raise SourceError(
+                f"--source {src_path}: no valid training image of class(es) "
+                f"{', '.join(missing)} in train/"
+            )
+    splits = stratified_split(labels, fixed, opts.split, opts.seed)
     label_digits = len(str(len(source.classes) - 1))
 
     manifest: dict[str, Any] = {
@@ -261,11 +311,9 @@ def prepare_dataset(opts: PrepareOptions, source_label: str | None = None) -> Pr
         "classes": source.classes,
         "seed": opts.seed,
         "split_ratios": dict(zip(SPLITS, opts.split, strict=True)),
-        "split_rule": (
-            "source test split kept; rest divided train:val by the train:val ratio"
-            if any(items[i].split == "test" for i in good)
-            else "stratified train/val/test by the split ratios"
-        ),
+        # The splits the source gave (an ImageNet-style tree's folders, CIFAR's test batch).
+        "split_given": given,
+        "split_rule": split_rule(given),
         "counts": {s: len(splits[s]) for s in SPLITS},
         "class_counts": {
             s: np.bincount(labels[splits[s]], minlength=len(source.classes)).tolist()

@@ -1,4 +1,5 @@
-"""Image sources that data preparation reads: an ImageFolder tree and CIFAR-10's python batches.
+"""Image sources that data preparation reads: an ImageFolder tree (``root/<class>/<image>``, or
+split as ImageNet is, ``root/train|val|test/<class>/<image>``) and CIFAR-10's python batches.
 
 A source lists lightweight :class:`Item` records (so millions of images never sit in memory) and
 turns one item into JPEG bytes on demand. ``inspect`` decodes the image fully, which is how
@@ -16,9 +17,13 @@ import numpy as np
 from PIL import Image
 
 from resnet18_dist.imaging import BadImage, decode_upright, orientation
+from resnet18_dist.options import ConfigError
 
 JPEG_QUALITY = 95
 CIFAR_DIR = "cifar-10-batches-py"
+# Top-level folders that make an ImageFolder tree a pre-split one (the layout torchvision's and
+# timm's ImageNet readers take); as class names they would be taken for splits, so refused.
+SPLIT_DIRS = ("train", "val", "test")
 
 
 class SourceError(ValueError):
@@ -33,7 +38,9 @@ class Reject(Exception):
 class Item:
     ref: str  # file path, or "<batch file>[row]" for CIFAR arrays; shown in rejects and errors
     label: int
-    split: str | None = None  # a split the source fixes (CIFAR's test_batch), else None
+    # The split the source puts it in (CIFAR's test_batch, an ImageNet-style root/val/), else
+    # None. "train" items are the pool the splits the source lacks are divided off.
+    split: str | None = None
     row: int = -1  # row in the in-memory array for array sources
 
 
@@ -60,8 +67,20 @@ def _decode(data: bytes) -> Image.Image:
         raise Reject(str(exc)) from exc
 
 
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 class ImageFolderSource:
-    """``root/<class>/<file>``; class names are the sorted sub-directory names."""
+    """``root/<class>/<file>``; class names are the sorted sub-directory names. Or pre-split,
+    ``root/train/<class>/<file>`` with ``root/val/...`` and ``root/test/...`` if the source has
+    them: the classes are train's, and each item keeps the split of its folder. A tree that
+    mixes the two (``root/train/`` beside ``root/cat/``) is refused naming the folders, as is
+    ``val/`` or ``test/`` without ``train/``, so that no split is read as a class."""
 
     kind = "imagefolder"
 
@@ -69,22 +88,67 @@ class ImageFolderSource:
         self.root = Path(root)
         if not self.root.is_dir():
             raise SourceError(f"--source {self.root}: no such directory")
-        class_dirs = sorted(
-            p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
-        if not class_dirs:
+        top = _subdirs(self.root)
+        if not top:
             raise SourceError(
                 f"--source {self.root}: no class sub-directories (expected root/<class>/<image>)"
             )
-        self.classes = [p.name for p in class_dirs]
         self.ignored = sorted(str(p) for p in self.root.iterdir() if p.is_file())
-        items = []
-        for label, d in enumerate(class_dirs):
-            files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
-            items.extend(Item(str(p), label) for p in files)
+        splits = [p for p in top if p.name in SPLIT_DIRS]
+        items = self._split_items(splits, top) if splits else self._class_items(top)
         if not items:
             raise SourceError(f"--source {self.root}: the class directories hold no files")
         self._items = items
+
+    def _class_items(self, class_dirs: list[Path]) -> list[Item]:
+        self.classes = [p.name for p in class_dirs]
+        return [Item(str(f), label) for label, d in enumerate(class_dirs) for f in _files(d)]
+
+    def _split_items(self, split_dirs: list[Path], top: list[Path]) -> list[Item]:
+        names = [p.name for p in split_dirs]
+        others = [p.name for p in top if p.name not in SPLIT_DIRS]
+        layouts = (
+            "root/<class>/<image>, or split as root/train/<class>/<image> with val/ and test/ "
+            "beside it if the source has them; a class may not be named train, val or test"
+        )
+        if others:
+            raise ConfigError(
+                "--source",
+                f"{self.root} holds split folder(s) {', '.join(names)} beside class folder(s) "
+                f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}: expected {layouts}",
+            )
+        if "train" not in names:
+            raise ConfigError(
+                "--source",
+                f"{self.root}: folder(s) {', '.join(names)} but no train/: expected {layouts}",
+            )
+        self.kind = "imagefolder-split"
+        by_name = {p.name: p for p in split_dirs}
+        class_dirs = _subdirs(by_name["train"])
+        if not class_dirs:
+            # root/train/*.jpg, root/val/*.jpg: classes named like splits, which would read
+            # as a 2-class dataset of "train" and "val" images; refused as the layout says.
+            raise ConfigError(
+                "--source",
+                f"{by_name['train']} holds no class folders: class folders may not be named "
+                f"{', '.join(SPLIT_DIRS)}; expected {layouts}",
+            )
+        self.classes = [p.name for p in class_dirs]
+        label = {name: i for i, name in enumerate(self.classes)}
+        items = []
+        for split in SPLIT_DIRS:  # train, val, test: the order of the manifest's splits
+            if split not in by_name:
+                continue
+            self.ignored += sorted(str(p) for p in by_name[split].iterdir() if p.is_file())
+            for d in _subdirs(by_name[split]):
+                if d.name not in label:
+                    raise ConfigError(
+                        "--source",
+                        f"{d}: class {d.name!r} is not in {by_name['train']} (a split's "
+                        "classes must be train's)",
+                    )
+                items += [Item(str(f), label[d.name], split) for f in _files(d)]
+        return items
 
     def items(self) -> list[Item]:
         return self._items

@@ -235,7 +235,7 @@ def check_compatible(
         raise CheckpointError(
             f"{where}: has {theirs.num_classes} classes, the data has {spec.num_classes}"
         )
-    for name in ("se_reduction", "stem"):
+    for name in ("se_reduction", "stem", "width"):
         if getattr(theirs, name) != getattr(spec, name):
             raise CheckpointError(
                 f"{where}: {name}={getattr(theirs, name)!r}, this run uses "

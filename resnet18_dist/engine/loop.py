@@ -85,7 +85,7 @@ def train_one_epoch(
             loss, logits = _tiny_batch_loss(model, task, images, labels, runtime)
         optimizer.zero_grad(set_to_none=True)
         runtime.backward(loss)
-        optimizer.step()
+        runtime.step(optimizer)
         if setup.ema is not None:
             setup.ema.update()
         scheduler.step()

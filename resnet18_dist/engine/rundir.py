@@ -2,11 +2,13 @@
 
 - no such run directory: a new run (``--resume PATH`` starts it from another run's checkpoint);
 - an unfinished run there (checkpoints, no ``report.json``): it resumes from its newest complete
-  checkpoint, with no flag needed (a lost driver, a killed job: run the same command again);
+  checkpoint, with no flag needed (a lost driver, a killed job: run the same command again); one
+  that died before its first checkpoint starts again from epoch 1, with or without ``--resume``;
 - a finished run there: refused (exit code 2) unless ``--resume`` extends it with a larger
   ``--epochs`` than it ran;
 - ``--fresh``: the old directory is kept, renamed to ``NAME.prev-TIMESTAMP``, and the run starts
-  over in a new, empty ``NAME``.
+  over in a new, empty ``NAME``; a ``--resume PATH`` inside the old directory is read where the
+  move put it.
 
 Launchers call ``plan_run`` before any worker starts, and print its ``describe()``.
 """
@@ -17,6 +19,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from resnet18_dist import storage
 from resnet18_dist.checkpoint_file import (
@@ -38,7 +41,7 @@ REPORT_FILE = "report.json"  # written last: its presence marks a finished run
 @dataclass(frozen=True)
 class RunPlan:
     run_dir: Path | str  # a str for a run on object storage (s3://...)
-    action: str  # "new" | "resume" | "extend"
+    action: str  # "new" | "restart" (an unfinished run with no checkpoint) | "resume" | "extend"
     resume_from: Path | str | None = None  # the checkpoint to continue from
     start_epoch: int = 0  # epochs already done
     epochs: int = 0
@@ -52,6 +55,11 @@ class RunPlan:
             lines.append(
                 f"resuming unfinished run {self.run_dir} at epoch {self.start_epoch + 1} of "
                 f"{self.epochs} (checkpoint {self.resume_from})"
+            )
+        elif self.action == "restart":
+            lines.append(
+                f"restarting unfinished run {self.run_dir} from epoch 1 of {self.epochs}: it "
+                "stopped before its first checkpoint"
             )
         elif self.action == "extend":
             lines.append(
@@ -82,11 +90,26 @@ def _holds_a_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(run_dir.iterdir())
 
 
-def _same_dir(a: str | Path, b: Path) -> bool:
+def _inside(path: Path | str, run_dir: Path) -> Path | None:
+    """``path`` relative to ``run_dir`` (``.`` for the directory itself) when it lies there."""
+    if storage.is_remote(path):
+        return None
     try:
-        return Path(a).resolve() == b.resolve()
-    except OSError:
-        return False
+        return Path(path).resolve().relative_to(run_dir.resolve())
+    except (ValueError, OSError):
+        return None
+
+
+def _inside_remote(uri: str, run_uri: str) -> str | None:
+    """``uri`` relative to ``run_uri`` ('' for the run itself) when it lies there; a query
+    string (pyarrow's ``?endpoint_override=...``) does not take part."""
+    u, r = urlsplit(uri), urlsplit(run_uri)
+    if (u.scheme, u.netloc) != (r.scheme, r.netloc):
+        return None
+    path, base = u.path.rstrip("/"), r.path.rstrip("/")
+    if path == base:
+        return ""
+    return path[len(base) + 1 :] if path.startswith(base + "/") else None
 
 
 def plan_run(run: RunConfig, epochs: int, dry_run: bool = False) -> RunPlan:
@@ -102,16 +125,22 @@ def plan_run(run: RunConfig, epochs: int, dry_run: bool = False) -> RunPlan:
     if resume not in (None, RESUME_THIS_RUN):
         other = resume if storage.is_remote(resume) else Path(resume)  # type: ignore[arg-type]
         check_remote_resume(other)
-    if other is not None and _same_dir(other, run_dir):
+    inner = None if other is None else _inside(other, run_dir)
+    fresh = run.fresh and _holds_a_run(run_dir)
+    if inner == Path(".") and not fresh:
         resume, other = RESUME_THIS_RUN, None
     moved = None
-    if run.fresh and _holds_a_run(run_dir):
+    if fresh:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         moved = run_dir.with_name(f"{run_dir.name}.prev-{stamp}")
         n = 1
         while moved.exists():
             n += 1
             moved = run_dir.with_name(f"{run_dir.name}.prev-{stamp}-{n}")
+        if inner is not None:
+            # `--fresh --resume NAME/checkpoint_...`: the checkpoint moves with its run; it is
+            # read from there (found now, while it is still where the user named it).
+            other = _moved_checkpoint(Path(str(other)), run_dir, moved)
         if dry_run:
             return RunPlan(run_dir, "new", resume_from=other, epochs=epochs, moved_aside=moved)
         run_dir.rename(moved)
@@ -134,13 +163,16 @@ def _plan_remote_run(run: RunConfig, epochs: int, dry_run: bool) -> RunPlan:
     resume = run.resume
     other = None if resume in (None, RESUME_THIS_RUN) else resume
     check_remote_resume(other)
-    if other is not None and other.rstrip("/") == run_uri.rstrip("/"):
-        resume, other = RESUME_THIS_RUN, None
+    inner = None if other is None else _inside_remote(other, run_uri)
     files = storage.list_files(run_uri)
+    if inner == "" and not (run.fresh and files):
+        resume, other = RESUME_THIS_RUN, None
     moved = None
     if run.fresh and files:
         parent, name = storage.split(run_uri)
         moved_uri = storage.join(parent, f"{name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        if inner is not None:  # the checkpoint is copied aside with its run, then deleted here
+            other = storage.join(moved_uri, inner) if inner else moved_uri
         if dry_run:
             return RunPlan(run_uri, "new", resume_from=other, epochs=epochs, moved_aside=moved_uri)
         storage.copy_tree(run_uri, moved_uri)
@@ -195,9 +227,27 @@ def _decide(
             f"{run_dir} already holds an unfinished run; run the same command without --resume "
             f"to continue it, or use --fresh or another --name to start from {other}",
         )
-    if latest is None:  # died before its first checkpoint: nothing to keep, start it again
-        return RunPlan(run_dir, "new", epochs=epochs, moved_aside=moved)
+    if latest is None:
+        # Died before its first checkpoint: nothing to resume, with or without --resume; it
+        # starts again from epoch 1 (the launchers hand the workers no checkpoint).
+        return RunPlan(run_dir, "restart", epochs=epochs, moved_aside=moved)
     return RunPlan(run_dir, "resume", latest, checkpoint_epoch(Path(latest).parent), epochs)
+
+
+def _moved_checkpoint(path: Path, run_dir: Path, moved: Path) -> Path:
+    """Where the checkpoint that ``--resume path`` names inside ``run_dir`` will be once
+    ``run_dir`` is renamed to ``moved``: the file itself (a run or checkpoint directory is
+    resolved to its newest checkpoint file now, so the plan prints exactly what it loads)."""
+    from resnet18_dist.checkpoint_file import CheckpointError, resolve_checkpoint_path
+
+    try:
+        found = resolve_checkpoint_path(path)
+    except CheckpointError as exc:
+        raise ConfigError("--resume", str(exc)) from exc
+    try:
+        return moved / found.resolve().relative_to(run_dir.resolve())
+    except ValueError:  # a link inside the run to a file elsewhere: that file does not move
+        return found.resolve()
 
 
 def newest_checkpoint(run_dir: Path | str) -> Path | str | None:

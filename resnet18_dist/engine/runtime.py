@@ -19,17 +19,33 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet18_dist.config import RunConfig
+from resnet18_dist.options import ConfigError
 
 log = logging.getLogger(__name__)
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-def resolve_amp(mode: str, device: torch.device) -> bool:
-    """bf16 autocast on GPUs that support it (auto), everywhere (bf16), or never (off)."""
-    if mode == "bf16":
-        return True
-    if mode == "off":
-        return False
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+def resolve_amp(mode: str, device: torch.device) -> str:
+    """The autocast precision: ``bf16``, ``fp16`` or ``off``.
+
+    auto: bf16 on a GPU with native bf16; fp16 (with a gradient scaler) on an older GPU, where
+    bf16 would be emulated and slower than fp32; off on CPU. bf16 and off are taken as asked;
+    fp16 is refused on CPU, which gains nothing from it.
+    """
+    if mode in ("bf16", "off"):
+        return mode
+    if mode == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(
+                "--amp",
+                f"fp16 is for CUDA GPUs; this process trains on {device.type}: use "
+                "--amp bf16 or off",
+            )
+        return "fp16"
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def resolve_channels_last(mode: str, device: torch.device) -> bool:
@@ -86,7 +102,7 @@ class TorchRuntime:
         if self.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        self.amp = resolve_amp(run.amp, self.device)
+        self.set_amp(resolve_amp(run.amp, self.device))
         self.channels_last = resolve_channels_last(run.channels_last, self.device)
         # CPUs this rank may use: those reserved for it where a scheduler reserves them (Ray
         # passes `threads`), else this machine's cores shared among its local ranks.
@@ -97,6 +113,14 @@ class TorchRuntime:
             torch.set_num_threads(threads)  # more only oversubscribes co-located ranks
         else:
             torch.backends.cudnn.benchmark = True
+
+    def set_amp(self, mode: str) -> None:
+        """Autocast in ``mode`` (bf16, fp16, off); fp16 gradients go through a scaler, whose
+        loss scale keeps small gradients from underflowing fp16's narrow range."""
+        self.amp_mode = mode
+        self.amp = mode in AMP_DTYPES
+        self.amp_dtype = AMP_DTYPES.get(mode, torch.bfloat16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=mode == "fp16")
 
     @property
     def is_main(self) -> bool:
@@ -124,10 +148,15 @@ class TorchRuntime:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.scaler.scale(loss).backward()  # unscaled unless fp16
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step; with fp16, unscaled first and skipped on inf/NaN gradients."""
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.distributed:

@@ -25,7 +25,7 @@ import torch
 
 from resnet18_dist import __version__, storage
 from resnet18_dist.atomic import atomic_write_text
-from resnet18_dist.config import RESUME_THIS_RUN, TrainConfig
+from resnet18_dist.config import TrainConfig
 from resnet18_dist.data.digits import dataset_dir
 from resnet18_dist.data.loaders import Loaders, build_loaders, loader_settings
 from resnet18_dist.data.manifest import DatasetError, Manifest
@@ -142,6 +142,7 @@ def build_setup(cfg: TrainConfig, runtime: TorchRuntime, data: RunData, resuming
         se_reduction=cfg.model.se_reduction,
         stem=resolve_stem(cfg.model.stem, data.policy.image_size),
         dropout=cfg.model.dropout,
+        width=cfg.model.width,
     )
     model = build_model(spec)
     if cfg.model.pretrained and not resuming:  # a resumed run has its own weights
@@ -209,7 +210,7 @@ def describe_run(
         "augment": data.policy.augment,
         "stem": run.spec.stem,
         "data_backend": data.loaders.backend,
-        "amp": "bf16" if runtime.amp else "off",
+        "amp": runtime.amp_mode,
         "channels_last": runtime.channels_last,
         "device": str(runtime.device),
         "world_size": runtime.world_size,
@@ -347,8 +348,11 @@ def run_training(
 ) -> dict[str, Any]:
     """Train, evaluate the test split with the best weights, write the run directory's files.
 
-    Returns the test report (on every rank). ``resume_from`` overrides ``cfg.run.resume`` (the
-    launcher's run plan, or the checkpoint Ray Train restored after a failure). ``location``
+    Returns the test report (on every rank). ``resume_from`` is the checkpoint to start from,
+    or None for epoch 1: the launcher's run plan (``engine/rundir.py``, which turned
+    ``cfg.run.resume`` into it), or the checkpoint Ray Train restored after a failure.
+    ``cfg.run.resume`` itself is not read here: ``--resume`` alone on an unfinished run that
+    never wrote a checkpoint is planned as a restart from epoch 1. ``location``
     is where the run really lives when ``run_dir`` is a local copy of one on object storage
     (recorded in the report and the model's metadata).
     """
@@ -358,9 +362,7 @@ def run_training(
     t0 = time.perf_counter()
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     log.info(runtime.describe())
-    checkpoint = resume_from or cfg.run.resume
-    if checkpoint == RESUME_THIS_RUN:
-        checkpoint = run_dir
+    checkpoint = resume_from
     data = build_data(cfg, runtime)
     try:
         run = build_setup(cfg, runtime, data, resuming=bool(checkpoint))

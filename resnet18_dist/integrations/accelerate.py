@@ -8,12 +8,26 @@ started here resumes under Ray and the other way round.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
 
 from resnet18_dist.config import RunConfig
 from resnet18_dist.engine.runtime import TorchRuntime, resolve_amp
+
+# Set by `accelerate launch --mixed_precision X` (or its config file) in every process it starts.
+LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
+
+
+def mixed_precision(run: RunConfig, device: torch.device) -> str | None:
+    """What the Accelerator is given: our --amp, except that --amp auto leaves the choice to
+    `accelerate launch --mixed_precision` when that chose one (None: the Accelerator reads
+    it from the environment)."""
+    if run.amp == "auto" and os.environ.get(LAUNCH_MIXED_PRECISION, "no") != "no":
+        return None
+    mode = resolve_amp(run.amp, device)
+    return "no" if mode == "off" else mode
 
 
 def build_accelerator(run: RunConfig):
@@ -23,10 +37,7 @@ def build_accelerator(run: RunConfig):
     if run.use_gpu == "on" and not torch.cuda.is_available():
         raise RuntimeError("--use-gpu on, but CUDA is not available in this process")
     device = torch.device("cpu") if cpu else torch.device("cuda")
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision="bf16" if resolve_amp(run.amp, device) else "no",
-    )
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision(run, device))
 
 
 class AcceleratorRuntime(TorchRuntime):
@@ -44,8 +55,11 @@ class AcceleratorRuntime(TorchRuntime):
             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
             device=accelerator.device,
         )
-        # The Accelerator decides mixed precision; report what it does.
-        self.amp = accelerator.mixed_precision == "bf16"
+        # The Accelerator decides mixed precision (and owns fp16's gradient scaler): report
+        # what it does.
+        precision = str(accelerator.mixed_precision)
+        self.set_amp("off" if precision == "no" else precision)
+        self.scaler = accelerator.scaler  # None but for fp16 on a GPU
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return self.accelerator.prepare_model(self.prepare_module(model))
@@ -57,7 +71,14 @@ class AcceleratorRuntime(TorchRuntime):
         return self.accelerator.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss)  # scaled by the Accelerator's scaler with fp16
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
     def shutdown(self) -> None:
         self.accelerator.end_training()

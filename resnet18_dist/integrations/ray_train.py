@@ -135,6 +135,8 @@ def check_resources(run: RunConfig) -> bool:
             f"{workers} GPU workers, but the cluster has {gpus:g} GPU(s)"
             + ("" if run.use_gpu == "on" else "; pass --use-gpu off to train on CPUs"),
         )
+    if run.amp == "fp16" and not use_gpu:  # else each worker refuses it after Ray starts
+        raise ConfigError("--amp", "fp16 is for CUDA GPUs; these workers train on CPUs")
     return use_gpu
 
 

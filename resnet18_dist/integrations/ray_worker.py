@@ -140,10 +140,20 @@ class RemoteRunMirror(Callback):
         self.remote = remote
 
     def pull(self) -> None:
-        """A resumed run continues the metrics of the attempts before it."""
+        """Make the local run files what the bucket holds, before the run opens them. A
+        resumed run continues the metrics of the attempts before it; a new one (a first start,
+        ``--fresh``, a start from another run's checkpoint) finds none there and starts an
+        empty log. The local directory outlives its run (one per run URI and node): lines an
+        earlier run of this name left in it would otherwise be kept by the resume logic and
+        uploaded as this run's own. The other run files are rewritten by this run before they
+        are uploaded; stale copies are removed all the same (offline W&B runs stay)."""
         source = storage.join(self.remote, METRICS_FILE)
         if storage.exists(source):
             storage.download(source, self.local / METRICS_FILE)
+        else:
+            (self.local / METRICS_FILE).unlink(missing_ok=True)
+        for name in (CONFIG_FILE, RUN_INFO_FILE, BEST_MODEL_FILE, REPORT_FILE):
+            (self.local / name).unlink(missing_ok=True)
 
     def _push(self, *names: str) -> None:
         for name in names:
@@ -200,6 +210,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         run_dir,
         loop_config.get("wandb_mode", "disabled"),
         job_type=loop_config.get("wandb_job_type", "train"),
+        location=location,
     ) + ([mirror] if mirror else [])
     resume_from = loop_config.get("resume_from")
     restored = ray.train.get_checkpoint()  # set when Ray restores the run or restarts a group

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from resnet18_dist.config import SE_REDUCTIONS, SMALL_IMAGE_MAX
+from resnet18_dist.config import SE_REDUCTIONS, SMALL_IMAGE_MAX, WIDTH_MAX
 
 ARCH = "resnet18"
 # torchvision's block type and blocks per stage for each supported depth.
@@ -75,6 +75,9 @@ class ModelSpec:
     se_reduction: int = 0
     stem: str = "imagenet"  # "imagenet" or "cifar" (resolved, never "auto")
     dropout: float = 0.0
+    # Channel multiplier: 1.0 is the real network (64/128/256/512 channels); a narrower one
+    # (tests of orchestration, not of learning) runs the same code path in milliseconds.
+    width: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +108,10 @@ class ResNetClassifier(ResNet):
             )
         if spec.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {spec.stem!r}")
+        if not 0 < spec.width <= WIDTH_MAX:
+            raise ValueError(f"width must be in (0, {WIDTH_MAX}], got {spec.width}")
+        # Read by _make_layer while torchvision's __init__ builds the stages.
+        self._width = spec.width
         block, layers = ARCHS[spec.arch]
         if spec.se_reduction:
             if block is not BasicBlock:
@@ -113,13 +120,31 @@ class ResNetClassifier(ResNet):
             block.expansion = BasicBlock.expansion  # ResNet._make_layer reads it
         super().__init__(block, layers, num_classes=spec.num_classes)
         self.spec = spec
+        stem_out = self.channels(64)
         if spec.stem == "cifar":
             # Small images: a 7x7/2 conv plus max-pool would shrink 32 px to 8 px before layer1.
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(3, stem_out, kernel_size=3, stride=1, padding=1, bias=False)
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
             self.maxpool = nn.Identity()
+        elif stem_out != 64:
+            self.conv1 = nn.Conv2d(3, stem_out, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        if stem_out != 64:
+            # torchvision builds the stem and the head at the full width; the stages, built
+            # by _make_layer below, are already narrowed.
+            self.bn1 = nn.BatchNorm2d(stem_out)
+            self.fc = nn.Linear(self.channels(512) * block.expansion, spec.num_classes)
         # nn.Dropout has no parameters, so the head keeps torchvision's `fc.*` keys.
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+
+    def channels(self, planes: int) -> int:
+        """A stage's channel count at this width (at least 1)."""
+        return max(1, round(planes * self._width))
+
+    def _make_layer(self, block: Any, planes: int, *args: Any, **kwargs: Any) -> nn.Sequential:
+        if planes == 64:  # layer1: its input is the (narrowed) stem's output
+            self.inplanes = self.channels(64)
+        return super()._make_layer(block, self.channels(planes), *args, **kwargs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

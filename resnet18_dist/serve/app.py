@@ -204,7 +204,8 @@ class ClassifierDeployment:
         if not files:
             raise ApiError(400, "bad_request", "no image file in the form")
         # --max-pixels bounds a request's decoded images together, not each one: what a
-        # replica holds is then at most --max-ongoing-requests x --max-pixels x 3 bytes.
+        # replica holds is then at most --max-ongoing-requests x --max-pixels x 4 bytes (Pillow
+        # keeps RGB, RGBA and CMYK at 4 bytes a pixel; decode_image drops the metadata).
         images, budget = [], self.opts.max_pixels
         for name, data in files:
             image = await asyncio.to_thread(self.decode, data, name, budget)

@@ -1,10 +1,14 @@
 """The endpoint's HTTP hardening, independent of the model: JSON errors, the request-body limit,
 the bearer token, and per-request metrics.
 
-Ray Serve's proxy has no request-body limit and streams the body to the replica as it arrives,
-so the replica enforces one here. Starlette has a ``RequestBodyLimitMiddleware``, but it answers
-in plain text and rewrites any response to a request whose Content-Length is over the limit, so
-errors would not all be JSON; this middleware is the same 30 lines answering in JSON.
+Ray Serve's proxy has no request-body limit: it reads each body as it arrives into a buffer of
+its own, before any replica has the request (a queued request's body sits in the proxy), and
+passes it on when the replica asks. The replica enforces a limit here, which bounds what a
+replica reads, not what the proxy buffers: that needs a limit in front of the proxy (nginx
+``client_max_body_size``; see the README's serving section). Starlette has a
+``RequestBodyLimitMiddleware``, but it answers in plain text and rewrites any response to a
+request whose Content-Length is over the limit, so errors would not all be JSON; this
+middleware is the same 30 lines answering in JSON.
 """
 
 from __future__ import annotations

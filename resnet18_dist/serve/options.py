@@ -53,7 +53,8 @@ class ServeOptions(Options):
     max_pixels: int = opt(
         16_777_216,
         "Most decoded pixels (width x height) in one request, all its images together (413 "
-        "beyond). A replica holds at most --max-ongoing-requests x this x 3 bytes of images.",
+        "beyond). A replica holds at most --max-ongoing-requests x this x 4 bytes of decoded "
+        "images (RGB, RGBA and CMYK take 4 bytes a pixel in Pillow), besides the bodies.",
         ge=1,
     )
     max_images: int = opt(64, "Most images in one /v1/classify/batch request.", ge=1)
