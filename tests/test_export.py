@@ -197,13 +197,18 @@ def test_corrupt_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path: Path) 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("an earlier export")
+    # An earlier export (its marker): the only kind of --out an export may replace.
+    from resnet18_dist.export.pipeline import EXPORT_MARK
+
+    (out / EXPORT_MARK[0]).write_text(json.dumps({"format": EXPORT_MARK[1]}))
     bad = tmp_path / "bad" / "checkpoint.pt"
     bad.parent.mkdir()
     bad.write_bytes(b"\x80\x04 this is not a checkpoint")
     proc = launch("export", "--checkpoint", str(bad.parent), "--out", str(out))
     assert proc.returncode == 1
     assert f"{bad}: not a readable checkpoint" in proc.stderr
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the old output is untouched
+    # the old output is untouched
+    assert sorted(p.name for p in out.iterdir()) == sorted(["keep.txt", EXPORT_MARK[0]])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
@@ -242,9 +247,12 @@ def test_a_failing_export_step_is_reported_by_name_and_writes_nothing(
             "resnet18_dist.export.pipeline.tensorrt_unavailable_reason", lambda: None
         )
     monkeypatch.setattr(target, broken, raising=False)
+    from resnet18_dist.export.pipeline import EXPORT_MARK
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("an earlier export")
+    (out / EXPORT_MARK[0]).write_text(json.dumps({"format": EXPORT_MARK[1]}))
     rc = load_launcher("export").main(
         [
             "--checkpoint",
@@ -264,7 +272,7 @@ def test_a_failing_export_step_is_reported_by_name_and_writes_nothing(
     assert rc == 1
     assert f"error: {step} failed: RuntimeError: simulated failure" in err, err
     assert "Traceback" not in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["keep.txt", EXPORT_MARK[0]])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
