@@ -78,6 +78,11 @@ class LoopbackCluster:
             # within 0.2 s instead of 2 s (propagated from the driver to the controller).
             **PRIVATE_RAY_ENV,
             **PRIVATE_RAY_TRAIN_ENV,
+            # A worker group that cannot be placed is given up after 10 s, not 60, and placed
+            # again (a retry that max_failures does not count): after a node is lost, Ray
+            # Train first asks for the group it had, from a view of the cluster refreshed
+            # every 20 s.
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
         }
         self._auth = {"Authorization": f"Bearer {token.read_text()}"}
         self.nodes: list[Node] = []
@@ -213,8 +218,8 @@ class LoopbackCluster:
                 node.killed.append(p.pid)
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(procs, timeout=30)
         node.proc.wait(timeout=30)
+        _wait_gone(procs, timeout=30)
         return node.killed
 
     def wait_until_dead(self, node: Node, timeout: float = 120) -> None:
@@ -225,20 +230,24 @@ class LoopbackCluster:
             time.sleep(0.25)
 
     def shutdown(self) -> None:
-        # Worker nodes first, then the head: SIGTERM is what `ray stop` sends each process.
-        for node in reversed(self.nodes):
-            procs = node.processes()
+        # The worker nodes together, then the head: SIGTERM is what `ray stop` sends each
+        # process. `ray start --block`, the GCS and the autoscaler monitor outlive it (20 s
+        # and more were measured): whatever is still running after 3 s is killed, as nothing
+        # of a throwaway cluster needs saving.
+        workers = [n for n in self.nodes if n.name != "head"]
+        for group in (workers, [n for n in self.nodes if n.name == "head"]):
+            procs = [p for node in group for p in node.processes()]
             for p in procs:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.terminate()
-            _, alive = psutil.wait_procs(procs, timeout=20)
-            for p in alive:
+            for p in _wait_gone(procs, timeout=3):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.kill()
-            try:
-                node.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
+            for node in group:
+                try:
+                    node.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    node.proc.kill()
         shutil.rmtree(self.temp_root, ignore_errors=True)
 
 
@@ -252,3 +261,36 @@ def registered_epoch(run_dir: Path) -> int:
         return 0
     names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
     return max((int(n.removeprefix("checkpoint_epoch")) for n in names), default=0)
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited; those still running after ``timeout``. A zombie
+    counts as gone: an orphaned Ray process is reaped by PID 1 whenever it gets to it, which
+    psutil.wait_procs would wait out to the end of its timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def kill_with_its_ray(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver and the private Ray it started, as when the session or machine running
+    it is lost. Everything is stopped (SIGSTOP) first: left alone, the Ray Train workers of a
+    killed driver train on for a second or two before their raylet notices, and with a
+    one-second epoch they would write checkpoints after the test has looked at what was saved
+    (what made two CI runs end at the last epoch instead of mid-run)."""
+    family = [psutil.Process(proc.pid)]
+    with contextlib.suppress(psutil.NoSuchProcess):
+        family += family[0].children(recursive=True)
+    for signal_process in (psutil.Process.suspend, psutil.Process.kill):
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                signal_process(p)
+    proc.wait(timeout=60)
+    _wait_gone(family, timeout=30)

@@ -83,7 +83,12 @@ def test_yaml_errors_name_the_section_or_option(tmp_path: Path, capsys) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_more_workers_than_cpus_exits_2_before_workers_start(tmp_path: Path) -> None:
-    proc = _run("--num-workers", "64", "--output-dir", str(tmp_path), "--wandb-mode", "disabled")
+    # A batch that 64 workers could split (16 training images each), so that the CPUs are what
+    # is refused.
+    proc = _run(
+        *("--num-workers", "64", "--batch-size", "8", "--output-dir", str(tmp_path)),
+        *("--wandb-mode", "disabled"),
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--num-workers" in proc.stderr and "64 workers" in proc.stderr
     assert not any(tmp_path.iterdir())  # no run directory: no worker ever started

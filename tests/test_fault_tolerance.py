@@ -19,7 +19,7 @@ import pytest
 from resnet18_dist.checkpoint_file import checkpoint_epoch, latest_checkpoint_in, load_checkpoint
 
 from .conftest import REPO, train_args
-from .ray_cluster import registered_epoch
+from .ray_cluster import kill_with_its_ray, registered_epoch
 
 # Failure handling, not learning: a ResNet18 at a quarter of the width (1/16 of the compute)
 # trains an epoch of the digits in about a second.
@@ -168,13 +168,8 @@ def test_killed_driver_is_resumed_by_running_the_same_command_again(
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        family = psutil.Process(first.pid).children(recursive=True)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
-    # Its private Ray shares its fate; wait for it so the rerun starts on a quiet machine.
-    _, alive = psutil.wait_procs(family, timeout=60)
-    for p in alive:
-        p.kill()
+        # The session is lost: the driver and its private Ray die together.
+        kill_with_its_ray(first)
     done = checkpoint_epoch(latest_checkpoint_in(run_dir).parent)
     assert 2 <= done < 5, done
     assert not (run_dir / "report.json").exists()

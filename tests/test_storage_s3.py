@@ -8,18 +8,16 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from .conftest import REPO, launch, train_args
-from .ray_cluster import free_port
+from .ray_cluster import free_port, kill_with_its_ray
 
 BUCKET = "r18d-test"
 
@@ -113,12 +111,7 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             assert time.monotonic() < deadline
             time.sleep(0.3)
-        family = psutil.Process(first.pid).children(recursive=True)
-        first.send_signal(signal.SIGKILL)  # the driver dies: its private Ray goes with it
-        first.wait(timeout=60)
-    _, alive = psutil.wait_procs(family, timeout=60)
-    for p in alive:
-        p.kill()
+        kill_with_its_ray(first)  # the driver dies, and its private Ray with it
     # The two ranks on this node made one verified copy of the dataset, byte for byte.
     copies = list((tmp_path / "cache" / "remote-datasets").iterdir())
     assert [c.name.startswith(".") for c in copies].count(False) == 1, copies
@@ -285,7 +278,6 @@ print(fetch_dataset(sys.argv[1], cache=Path(sys.argv[2])))
 """
 
 
-@pytest.mark.slow
 def test_ranks_on_a_node_share_one_copy_and_a_new_version_replaces_an_unused_one(
     s3: dict[str, str], digits_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -341,7 +333,6 @@ def test_ranks_on_a_node_share_one_copy_and_a_new_version_replaces_an_unused_one
     assert fetch_dataset(uri, cache=cache) == third and not held.exists()  # the next fetch drops it
 
 
-@pytest.mark.slow
 def test_a_missing_bucket_is_a_clear_error_before_training(
     s3: dict[str, str], digits_dataset: Path
 ) -> None:
