@@ -3,6 +3,7 @@ python launch/train.py` and `-- python launch/sweep.py`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -114,8 +115,11 @@ def test_ray_job_submit_trains_digits_with_two_ddp_workers(
 def test_ray_job_submit_runs_a_small_sweep(
     ray_head: tuple[str, dict], small_digits: Path, tmp_path: Path
 ) -> None:
-    """A sweep as a Ray job on the same one-node cluster (one `ray start` for the module)."""
+    """A sweep as a Ray job on the same one-node cluster (one `ray start` for the module), with
+    Optuna's TPE search where the `optuna` extra is installed (CI installs it)."""
     from .test_sweep import _rows, _sweep_args
+
+    optuna = importlib.util.find_spec("optuna") is not None
 
     address, env = ray_head
     runtime_env = {"env_vars": {"RESNET18_DIST_CACHE": os.environ["RESNET18_DIST_CACHE"]}}
@@ -128,6 +132,7 @@ def test_ray_job_submit_runs_a_small_sweep(
             "launch/sweep.py",
             *_sweep_args(small_digits, tmp_path, "job", "--num-samples", "2", *TINY),
             *("--max-epochs", "1", "--wandb-mode", "disabled", "--max-int8-drop", "100"),
+            *(("--search", "optuna") if optuna else ()),
         ],
         env=env,
         capture_output=True,
@@ -141,6 +146,9 @@ def test_ray_job_submit_runs_a_small_sweep(
     rows = _rows(tmp_path / "job")
     assert len(rows) == 2 and all(r["status"] != "error" for r in rows)
     assert (tmp_path / "job" / "best" / "model.int8.onnx").is_file()
+    if optuna:
+        assert "optuna search" in log
+        assert len({r["lr"] for r in rows}) == 2  # two samples from TPE's start-up
 
 
 def test_ray_workers_import_this_checkout_ahead_of_any_other(

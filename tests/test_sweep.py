@@ -258,20 +258,4 @@ def test_killed_sweep_continues_without_rerunning_a_finished_trial(
     assert (sweep / "best" / "model.int8.onnx").is_file()
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_optuna_search_runs_a_small_sweep(small_digits: Path, tmp_path: Path) -> None:
-    pytest.importorskip("optuna")  # the `optuna` extra (installed in CI)
-    proc = launch(
-        "sweep",
-        *_sweep_args(small_digits, tmp_path, "o", "--num-samples", "2", "--search", "optuna"),
-        *TINY,
-        *("--max-epochs", "1", "--wandb-mode", "disabled", "--max-int8-drop", "100"),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "optuna search" in proc.stdout
-    rows = _rows(tmp_path / "o")
-    assert len(rows) == 2 and all(r["status"] != "error" for r in rows), rows
-    assert len({r["lr"] for r in rows}) == 2  # two samples from TPE's start-up
-    assert (tmp_path / "o" / "best" / "model.onnx").is_file()
+# Optuna's search: tests/test_ray_job.py runs it as a sweep submitted with `ray job submit`.
