@@ -217,6 +217,7 @@ def test_a_resumed_run_continues_one_wandb_run_quietly(small_digits: Path, tmp_p
                 *(sys.executable, str(REPO / "launch" / "train_accelerate.py")),
                 *("--data-dir", str(small_digits), "--image-size", "8", "--batch-size", "64"),
                 *("--output-dir", "runs", "--name", "r", "--wandb-mode", "offline", "--quiet"),
+                *("--width", "0.25"),  # W&B's run identity, not learning
                 *args,
             ],
             capture_output=True,

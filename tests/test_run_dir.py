@@ -132,3 +132,26 @@ def test_a_metrics_line_lost_to_a_kill_is_rebuilt_from_the_checkpoint(tmp_path: 
     assert lines[2] == {"epoch": 2, "train_loss": 0.33}
     logger.on_start({})  # idempotent: the line is not added twice
     assert len(path.read_text().splitlines()) == 3
+
+
+def test_a_checkpoint_ray_never_registered_is_pruned_with_the_ones_it_drops(
+    tmp_path: Path,
+) -> None:
+    """A driver killed after epoch 2's checkpoint was written but before Ray Train registered
+    it: the rerun resumes from it, Ray keeps its newest two (5, 6) but never deletes epoch 2.
+    The train command prunes it after the run; other directories and a newer checkpoint stay."""
+    from resnet18_dist.engine.rundir import prune_untracked_checkpoints
+
+    for name in ("checkpoint_epoch0002", "checkpoint_epoch0005", "checkpoint_epoch0006", "wandb"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint_epoch0007").mkdir()  # newer than what Ray reported: not ours to judge
+    tracked = {"checkpoint_epoch0005", "checkpoint_epoch0006"}
+    assert prune_untracked_checkpoints(tmp_path, tracked) == ["checkpoint_epoch0002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_epoch0005",
+        "checkpoint_epoch0006",
+        "checkpoint_epoch0007",
+        "wandb",
+    ]
+    assert prune_untracked_checkpoints(tmp_path, set()) == []  # Ray kept none: nothing known

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+from resnet18_dist.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from resnet18_dist.engine.callbacks import Callback, CallbackList
 from resnet18_dist.engine.checkpoint import LoopState
 from resnet18_dist.engine.compiling import Compiled
@@ -27,9 +27,10 @@ from resnet18_dist.seeding import seed_everything
 from .conftest import REPO, launch
 
 
-def _cfg(data: Path, **run: Any) -> TrainConfig:
+def _cfg(data: Path, width: float = 1.0, **run: Any) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(data_dir=str(data), batch_size=32, augment="cifar"),
+        model=ModelConfig(width=width),
         optim=OptimConfig(epochs=1, lr=0.05, ema_decay=0.9),
         run=RunConfig(seed=5, quiet=True, wandb_mode="disabled", cpus_per_worker=2, **run),
     )
@@ -133,7 +134,7 @@ def test_compile_without_a_cxx_compiler_warns_once_and_trains_eagerly(
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    cfg = _cfg(small_digits, compile=True)
+    cfg = _cfg(small_digits, width=0.25, compile=True)  # the fallback, not the network
     with caplog.at_level("WARNING"):
         report = run_training(cfg, TorchRuntime(cfg.run), LocalReporter(tmp_path), tmp_path)
     torch._dynamo.reset()

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import threading
+from pathlib import PurePosixPath
 
 from resnet18_dist.cli import build_parser, parse_options
 from resnet18_dist.config import TrainConfig
@@ -82,7 +83,11 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
 
     from ray.train import TrainingFailedError
 
-    from resnet18_dist.engine.rundir import newest_checkpoint, read_run_file
+    from resnet18_dist.engine.rundir import (
+        newest_checkpoint,
+        prune_untracked_checkpoints,
+        read_run_file,
+    )
 
     trainer = build_trainer(cfg, plan.run_dir, use_gpu, wandb_mode, plan.resume_from)
     try:
@@ -100,6 +105,11 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
                 file=sys.stderr,
             )
         return 1
+    # Ray keeps the newest --keep-checkpoints it registered; one written but never registered
+    # (a driver killed in between, then resumed) is removed here.
+    tracked = {PurePosixPath(c.path).name for c, _ in result.best_checkpoints}
+    for name in prune_untracked_checkpoints(plan.run_dir, tracked):
+        print(f"removed {name}: a checkpoint Ray Train did not register (--keep-checkpoints)")
     report = result.return_value
     if report is None:  # the worker's return value did not come back: read what it wrote
         report = json.loads(read_run_file(plan.run_dir, "report.json"))

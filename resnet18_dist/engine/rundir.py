@@ -273,3 +273,36 @@ def check_remote_resume(other: Path | str | None) -> None:
             fetch_remote_checkpoint(other)
         except CheckpointError as exc:
             raise ConfigError("--resume", str(exc)) from exc
+
+
+def prune_untracked_checkpoints(run_dir: Path | str, tracked: set[str]) -> list[str]:
+    """Delete the run's ``checkpoint_*`` directories that are older than the newest one Ray
+    Train keeps and not among those it keeps (``tracked``: directory names); the names deleted.
+
+    Ray Train deletes what falls out of ``num_to_keep`` only among the checkpoints it has
+    registered. A driver killed after a checkpoint was written but before Ray registered it
+    leaves one that the rerun resumes from (``_decide`` above) yet Ray never tracks, so it
+    would stay forever: this is the one place that knows both sides.
+    """
+    if not tracked:
+        return []
+    newest = max(checkpoint_epoch(Path(name)) for name in tracked)
+    if storage.is_remote(run_dir):
+        names = {f.split("/", 1)[0] for f in storage.list_files(str(run_dir)) if "/" in f}
+    else:
+        names = {p.name for p in Path(run_dir).iterdir() if p.is_dir()}
+    stale = sorted(
+        n
+        for n in names
+        if n.startswith("checkpoint_")
+        and n not in tracked
+        and 0 <= checkpoint_epoch(Path(n)) < newest
+    )
+    for name in stale:
+        if storage.is_remote(run_dir):
+            storage.delete_tree(storage.join(str(run_dir), name))
+        else:
+            import shutil
+
+            shutil.rmtree(Path(run_dir) / name)
+    return stale
