@@ -23,11 +23,12 @@ from .test_storage_s3 import BUCKET, _get, _objects, s3  # noqa: F401  (moto's S
 
 
 def _train_cmd(data: Path, *extra: str) -> list[str]:
-    """``python launch/train.py`` for a 1-worker, W&B-free run on 8-px digits."""
+    """``python launch/train.py`` for a 1-worker, W&B-free run on 8-px digits, with a
+    quarter-width ResNet18 (run directories, not learning)."""
     return [
         sys.executable,
         str(REPO / "launch" / "train.py"),
-        *("--data-dir", str(data), "--image-size", "8", "--batch-size", "32"),
+        *("--data-dir", str(data), "--image-size", "8", "--batch-size", "32", "--width", "0.25"),
         *("--num-workers", "1", "--wandb-mode", "disabled", "--quiet"),
         *extra,
     ]
@@ -86,7 +87,11 @@ def test_resume_alone_restarts_a_run_that_died_before_its_first_checkpoint(
     run_dir = tmp_path / "runs" / "d"
     run_dir.mkdir(parents=True)
     cfg = TrainConfig.from_dict(
-        {"data": {"data_dir": str(small_digits), "image_size": 8}, "optim": {"epochs": 1}}
+        {
+            "data": {"data_dir": str(small_digits), "image_size": 8},
+            "model": {"width": 0.25},
+            "optim": {"epochs": 1},
+        }
     )
     cfg.run.name, cfg.run.output_dir = "d", str(tmp_path / "runs")
     cfg.dump_yaml(run_dir / "config.yaml")

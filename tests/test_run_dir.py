@@ -31,6 +31,7 @@ def _cmd(script: str, data: Path, out: Path, *extra: str) -> list[str]:
         "--wandb-mode",
         "disabled",
         "--quiet",
+        *("--width", "0.25"),  # the run-name rule, not learning: a quarter-width ResNet18
         *extra,
     ]
 
