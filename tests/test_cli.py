@@ -140,3 +140,19 @@ def test_the_console_command_offers_every_subcommand() -> None:
     assert bad.returncode == 2 and "--lr" in bad.stderr
     unknown = subprocess.run([exe, "fly"], capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "unknown command 'fly'" in unknown.stderr
+
+
+def test_launch_holds_one_script_per_console_command_and_nothing_else() -> None:
+    """launch/ is what users run (one script per `resnet18-dist` subcommand); the benchmark and
+    GPU-check scripts live in benchmarks/."""
+    from resnet18_dist.commands import COMMANDS
+
+    from .conftest import REPO
+
+    scripts = {p.stem for p in (REPO / "launch").glob("*.py")}
+    expected = {module for module, _ in COMMANDS.values()} | {"prepare_data"}
+    assert scripts == expected - {"prepare"}, scripts ^ (expected - {"prepare"})
+    for script in scripts:
+        text = (REPO / "launch" / f"{script}.py").read_text()
+        assert "from resnet18_dist.commands" in text, script  # a thin entry point, no logic
+    assert {p.stem for p in (REPO / "benchmarks").glob("*.py")} >= {"gpu_check", "benchmark_loop"}

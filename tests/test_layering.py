@@ -1,6 +1,7 @@
 """The package's floors, read from the source: a module imports only from its own floor or
-lower ones, so the core (models, data, engine) never depends on exports, integrations, serving
-or commands. Imports inside functions count too: a lazy import is still a dependency."""
+lower ones, so the core (models, data, engine) never depends on exports, integrations, serving,
+the sweep (the top-level ``tuning`` package) or commands. Imports inside functions count too: a
+lazy import is still a dependency."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from .conftest import REPO
 
 PACKAGE = REPO / "resnet18_dist"
+TUNING = REPO / "tuning"  # the sweep: above everything but the commands that run it
 
 # Lower number = lower floor. Top-level modules (options, atomic, config, checkpoint_file...)
 # are the ground floor that everything may use.
@@ -21,12 +23,15 @@ FLOORS = {
     "export": 3,
     "integrations": 3,
     "serve": 3,
-    "commands": 4,
+    "tuning": 4,  # tuning/ (Ray Tune): trains and exports through the floors below
+    "commands": 5,
 }
 
 
 def _floor_of_module(dotted: str) -> int | None:
     parts = dotted.split(".")
+    if parts[0] == "tuning":
+        return FLOORS["tuning"]
     if parts[0] != "resnet18_dist":
         return None
     if len(parts) >= 2 and parts[1] in FLOORS:
@@ -55,11 +60,18 @@ def _violations() -> list[str]:
         own = FLOORS[rel.parts[0]] if len(rel.parts) > 1 else FLOORS[""]
         if rel.name == "__main__.py":  # `python -m resnet18_dist` is the console command
             own = FLOORS["commands"]
-        for lineno, module in _imports(path):
-            floor = _floor_of_module(module)
-            if floor is not None and floor > own:
-                bad.append(f"resnet18_dist/{rel}:{lineno} imports {module} (floor {floor} > {own})")
+        bad += _above(path, f"resnet18_dist/{rel}", own)
+    for path in sorted(TUNING.rglob("*.py")):
+        bad += _above(path, f"tuning/{path.relative_to(TUNING)}", FLOORS["tuning"])
     return bad
+
+
+def _above(path: Path, name: str, own: int) -> list[str]:
+    return [
+        f"{name}:{lineno} imports {module} (floor {floor} > {own})"
+        for lineno, module in _imports(path)
+        if (floor := _floor_of_module(module)) is not None and floor > own
+    ]
 
 
 def test_no_module_imports_from_a_higher_floor() -> None:
@@ -67,13 +79,22 @@ def test_no_module_imports_from_a_higher_floor() -> None:
 
 
 def test_the_layering_check_sees_a_violation(tmp_path: Path, monkeypatch) -> None:
-    """The checker itself: an engine module importing from export is reported."""
+    """The checker itself: an engine module importing from export or from the sweep, and a
+    sweep module importing from the commands, are reported."""
     fake = tmp_path / "resnet18_dist"
     (fake / "engine").mkdir(parents=True)
     (fake / "engine" / "bad.py").write_text(
         "def f():\n    from resnet18_dist.export.pipeline import ExportOptions\n"
     )
-    monkeypatch.setattr(__import__(__name__, fromlist=["PACKAGE"]), "PACKAGE", fake)
+    (fake / "engine" / "sweeps.py").write_text("import tuning.sweep\n")
+    tuning = tmp_path / "tuning"
+    tuning.mkdir()
+    (tuning / "bad.py").write_text("from resnet18_dist.commands.export import main\n")
+    module = __import__(__name__, fromlist=["PACKAGE"])
+    monkeypatch.setattr(module, "PACKAGE", fake)
+    monkeypatch.setattr(module, "TUNING", tuning)
     assert _violations() == [
-        "resnet18_dist/engine/bad.py:2 imports resnet18_dist.export.pipeline (floor 3 > 2)"
+        "resnet18_dist/engine/bad.py:2 imports resnet18_dist.export.pipeline (floor 3 > 2)",
+        "resnet18_dist/engine/sweeps.py:1 imports tuning.sweep (floor 4 > 2)",
+        "tuning/bad.py:1 imports resnet18_dist.commands.export (floor 5 > 4)",
     ]

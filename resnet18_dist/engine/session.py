@@ -419,7 +419,7 @@ def run_training(
         "stopped_early": state.stopped_early,
         "wall_time_s": time.time() - started,
         # Wall-clock bounds of this function, for launcher benchmarks that split a process's
-        # time into start-up, training and teardown (launch/benchmark_launchers.py).
+        # time into start-up, training and teardown (benchmarks/benchmark_launchers.py).
         "started_unix": started,
         "finished_unix": time.time(),
         "timings": timings,

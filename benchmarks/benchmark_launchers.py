@@ -3,8 +3,8 @@ wall time into phases: Ray Train (`launch/train.py`) against accelerate
 (`launch/train_accelerate.py`), and optionally the Ray path of another checkout (the commit
 before a change) side by side in the same run.
 
-    python launch/benchmark_launchers.py                       # digits, 15 epochs, 2 rounds
-    python launch/benchmark_launchers.py --baseline-repo ../prev --rounds 3
+    python benchmarks/benchmark_launchers.py                       # digits, 15 epochs, 2 rounds
+    python benchmarks/benchmark_launchers.py --baseline-repo ../prev --rounds 3
 
 Every run: the digits default (or --data-dir), torchvision backend, 0 loader workers, batch 64,
 early stopping off, W&B disabled, progress bars off. The Ray path gets --cpus-per-worker equal to

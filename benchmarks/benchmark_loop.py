@@ -4,8 +4,8 @@ Same model (ResNet18), same prepared shards, same transforms, batch size, thread
 the two loops alternate epoch by epoch so that machine drift hits both alike. Prints training
 images/s for each and their ratio (project / plain).
 
-    python launch/benchmark_loop.py                       # built-in digits, 8 px
-    python launch/benchmark_loop.py --data-dir data/cifar10 --epochs 3
+    python benchmarks/benchmark_loop.py                       # built-in digits, 8 px
+    python benchmarks/benchmark_loop.py --data-dir data/cifar10 --epochs 3
 """
 
 from __future__ import annotations

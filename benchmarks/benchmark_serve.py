@@ -4,7 +4,7 @@ concurrencies, with dynamic batching off and on, side by side in one run.
     python launch/train.py --num-workers 1 --image-size 32 --epochs 2 --name m32 \
         --wandb-mode disabled
     python launch/export.py --checkpoint runs/m32 --out exports/m32 --max-int8-drop 100
-    python launch/benchmark_serve.py --model exports/m32 --out serve_bench.md
+    python benchmarks/benchmark_serve.py --model exports/m32 --out serve_bench.md
 
 For each mode it starts `launch/serve.py` (a private Ray, 127.0.0.1 only, one replica) and sends
 real digit JPEGs to POST /v1/classify from an aiohttp client: a fixed number of requests per

@@ -2,7 +2,7 @@
 one epoch and in the next, for DALI and torchvision side by side on the same split (0 for
 independent permutations; 1 for the same order every epoch).
 
-    python launch/benchmark_shuffle.py --data-dir data/cifar10   # CIFAR's 30,000-image train split
+    python benchmarks/benchmark_shuffle.py --data-dir data/cifar10  # 30,000 training images
 
 The order is recovered from the loaders' own output: every decoded training image (augmentation
 off) is matched to its index by its pixels, so the same script measures any version of the

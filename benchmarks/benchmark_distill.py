@@ -5,7 +5,7 @@ for each seed (2) the student alone and (3) the student distilled from that teac
 the same fixed epoch budget, and prints test top-1 / macro-F1 as mean and standard deviation.
 
     python launch/prepare_data.py --source cifar-subset/ --out data/cifar-sub
-    python launch/benchmark_distill.py --data-dir data/cifar-sub --seeds 0 1 2
+    python benchmarks/benchmark_distill.py --data-dir data/cifar-sub --seeds 0 1 2
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Same prepared shards, same augmentation policy, same image size, batch size and 
 With --train it also measures training fed by each backend against compute-only training on
 a synthetic batch already on the device (bf16 + channels_last on a GPU).
 
-    python launch/benchmark_data.py --data-dir data/cifar10 --threads 2
-    python launch/benchmark_data.py --data-dir data/cifar10 --image-size 224 --augment seed \\
+    python benchmarks/benchmark_data.py --data-dir data/cifar10 --threads 2
+    python benchmarks/benchmark_data.py --data-dir data/cifar10 --image-size 224 --augment seed \\
         --threads 16 --batch-size 256 --train          # on a GPU machine
 """
 

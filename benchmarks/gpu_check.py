@@ -1,7 +1,7 @@
 """The GPU check: one command that measures this project on a GPU machine and writes the figures.
 
-    python launch/gpu_check.py --out "$OUT"                  # on the GPU machine
-    python launch/gpu_check.py --tiny --out /tmp/check       # the same steps on CPU, digits, tiny
+    python benchmarks/gpu_check.py --out "$OUT"              # on the GPU machine
+    python benchmarks/gpu_check.py --tiny --out /tmp/check   # the same steps on CPU, digits, tiny
 
 Steps, each a subprocess whose output is kept in OUT/<step>.log (a failing step is recorded and
 the others still run):

@@ -1,8 +1,8 @@
 """Benchmark a sweep's overhead: the wall time of N trials against the sum of the same trials'
 training time.
 
-    python launch/benchmark_sweep.py                        # digits, 4 trials, 3 epochs
-    python launch/benchmark_sweep.py --num-samples 8 --out sweeps_bench.md
+    python benchmarks/benchmark_sweep.py                        # digits, 4 trials, 3 epochs
+    python benchmarks/benchmark_sweep.py --num-samples 8 --out sweeps_bench.md
 
 Runs `launch/sweep.py` once (W&B disabled, progress bars off) and reads back what it wrote:
 per trial, its training time (the sum of its epochs' `epoch_time_s` in metrics.jsonl: training
