@@ -93,7 +93,7 @@ def _job(cluster: LoopbackCluster, *args: str, timeout: float = 120) -> subproce
 def test_a_cluster_run_asks_ray_train_for_its_placement_size_range_and_retries(
     tmp_path: Path,
 ) -> None:
-    """The options the tests above exercise on a cluster, as they reach Ray Train."""
+    """The options the cluster tests below exercise, as they reach Ray Train."""
     from resnet18_dist.config import TrainConfig
     from resnet18_dist.integrations.ray_train import build_trainer
 
@@ -117,9 +117,12 @@ def test_a_cluster_run_asks_ray_train_for_its_placement_size_range_and_retries(
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_spread_job_places_its_two_workers_on_two_nodes(
+def test_ray_job_submit_spreads_two_ddp_workers_over_two_nodes(
     cluster: LoopbackCluster, digits_dataset: Path, tmp_path: Path
 ) -> None:
+    """`ray job submit --working-dir . -- python launch/train.py` as the README writes it, with
+    `--placement spread`: the job succeeds, its two DDP workers land on the two CPU nodes, and
+    the console a user follows is the launcher's (one line per epoch, no Ray Train dicts)."""
     nodes = cluster.alive_nodes()
     submit = _job(
         cluster,
@@ -127,7 +130,9 @@ def test_spread_job_places_its_two_workers_on_two_nodes(
         *("--submission-id", "spread-job", "--working-dir", str(REPO), "--no-wait"),
         "--",
         *("python", "launch/train.py", "--data-dir", str(digits_dataset)),
-        *train_args(tmp_path, "spread", 2, "--placement", "spread", "--epochs", "2", *TINY),
+        *train_args(
+            tmp_path, "spread", 2, "--placement", "spread", "--epochs", "3", *TINY, quiet=False
+        ),
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     # `ray job logs --follow` returns when the job ends, as a user would watch it.
@@ -146,12 +151,24 @@ def test_spread_job_places_its_two_workers_on_two_nodes(
         placed,
         nodes,
     )
+    log = logs.stdout
     # The console names the node of every rank, as Ray knows it.
     for w in workers:
-        assert f"Ray node {w['node_id'][:12]}" in logs.stdout, logs.stdout[-3000:]
-    assert "placement spread" in logs.stdout
+        assert f"Ray node {w['node_id'][:12]}" in log, log[-3000:]
+    assert "placement spread" in log
+    # Two DDP workers, one per rank, in one gloo process group.
+    assert re.search(r"DDP worker rank 0/2 .* process group gloo", log)
+    assert re.search(r"DDP worker rank 1/2 .* process group gloo", log)
+    # One line per epoch from rank 0, none of Ray Train's per-rank `TrainingReport(...)` dicts.
+    assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
+    for epoch in range(1, 4):
+        assert len(re.findall(rf"epoch {epoch}/3: train loss", log)) == 1, epoch
+    assert "test report (360 images" in log
     report = json.loads((tmp_path / "spread" / "report.json").read_text())
-    assert report["resolved"]["world_size"] == 2 and report["epochs_run"] == 2
+    assert report["resolved"]["world_size"] == 2 and report["epochs_run"] == 3
+    assert report["test_samples"] == 360
+    checkpoints = sorted(p.name for p in (tmp_path / "spread").glob("checkpoint_epoch*"))
+    assert checkpoints == ["checkpoint_epoch0002", "checkpoint_epoch0003"]  # --keep-checkpoints 2
 
 
 @pytest.mark.slow
