@@ -101,6 +101,12 @@ def test_ray_job_submit_runs_a_small_sweep(
     assert (tmp_path / "job" / "best" / "model.int8.onnx").is_file()
     assert "optuna search" in log
     assert len({r["lr"] for r in rows}) == 2  # two samples from TPE's start-up
+    # Tune's own record of the searcher that ran (the console above only echoes the option):
+    # a Searcher such as OptunaSearch saves searcher-state-*.pkl, the random search
+    # (BasicVariantGenerator) basic-variant-state-*.json instead.
+    sweep = tmp_path / "job"
+    assert list(sweep.glob("searcher-state-*.pkl")), sorted(p.name for p in sweep.iterdir())
+    assert not list(sweep.glob("basic-variant-state-*.json"))
 
 
 def test_ray_workers_import_this_checkout_ahead_of_any_other(
