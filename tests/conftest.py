@@ -302,3 +302,18 @@ def cpu_settings(
         device=torch.device("cpu"),
         channels_last=channels_last,
     )
+
+
+def assert_two_rank_console(log: str, epochs: int) -> None:
+    """The console a user reads from a 2-worker Ray Train run: both DDP ranks in one gloo
+    process group; one line per epoch from rank 0, none of Ray Train's per-rank
+    ``TrainingReport(...)`` dicts or checkpoint lines (they come back with --verbose, see
+    test_dali.py's Ray run); the test report at the end."""
+    import re
+
+    assert re.search(r"DDP worker rank 0/2 .* process group gloo", log), log[-3000:]
+    assert re.search(r"DDP worker rank 1/2 .* process group gloo", log), log[-3000:]
+    assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
+    for epoch in range(1, epochs + 1):
+        assert len(re.findall(rf"epoch {epoch}/{epochs}: train loss", log)) == 1, epoch
+    assert "test report (360 images" in log

@@ -19,7 +19,7 @@ import pytest
 
 from resnet18_dist.checkpoint_file import load_checkpoint
 
-from .conftest import REPO, train_args
+from .conftest import REPO, assert_two_rank_console, train_args
 from .ray_cluster import RAY, LoopbackCluster, Node, registered_epoch
 
 # These tests are about placement, failure and resizing, not learning: a ResNet18 at a quarter
@@ -156,14 +156,7 @@ def test_ray_job_submit_spreads_two_ddp_workers_over_two_nodes(
     for w in workers:
         assert f"Ray node {w['node_id'][:12]}" in log, log[-3000:]
     assert "placement spread" in log
-    # Two DDP workers, one per rank, in one gloo process group.
-    assert re.search(r"DDP worker rank 0/2 .* process group gloo", log)
-    assert re.search(r"DDP worker rank 1/2 .* process group gloo", log)
-    # One line per epoch from rank 0, none of Ray Train's per-rank `TrainingReport(...)` dicts.
-    assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
-    for epoch in range(1, 4):
-        assert len(re.findall(rf"epoch {epoch}/3: train loss", log)) == 1, epoch
-    assert "test report (360 images" in log
+    assert_two_rank_console(log, epochs=3)
     report = json.loads((tmp_path / "spread" / "report.json").read_text())
     assert report["resolved"]["world_size"] == 2 and report["epochs_run"] == 3
     assert report["test_samples"] == 360

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, assert_two_rank_console
 from .ray_cluster import RAY, LoopbackCluster
 
 TINY = ("--width", "0.25")
@@ -39,17 +38,8 @@ def test_the_main_job_trains_digits_with_two_ddp_workers_to_the_bar(
     """The README's main job (`python launch/train.py --num-workers 2`, run once per session in
     tests/conftest.py): its console, its report, and the export the README does next."""
     run_dir, log = digits_run
-    # Two DDP workers, one per rank, in one gloo process group.
-    assert re.search(r"DDP worker rank 0/2 .* process group gloo", log)
-    assert re.search(r"DDP worker rank 1/2 .* process group gloo", log)
-    # A readable console: one line per epoch from rank 0, none of Ray Train's per-rank
-    # `TrainingReport(...)` dicts or checkpoint lines (they come back with --verbose, see
-    # test_dali.py's Ray run).
-    assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
-    for epoch in range(1, 16):
-        assert len(re.findall(rf"epoch {epoch}/15: train loss", log)) == 1, epoch
-    # The main job's default epochs reach the digits accuracy bar, and the report is printed.
-    assert "test report (360 images" in log
+    # Two DDP ranks, a readable console, and the default 15 epochs reach the digits bar below.
+    assert_two_rank_console(log, epochs=15)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["resolved"]["world_size"] == 2
     assert report["test_top1"] >= 0.95, report["test_top1"]

@@ -16,6 +16,7 @@ Launchers call ``plan_run`` before any worker starts, and print its ``describe()
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,7 +288,8 @@ def prune_untracked_checkpoints(run_dir: Path | str, tracked: set[str]) -> list[
     if not tracked:
         return []
     newest = max(checkpoint_epoch(Path(name)) for name in tracked)
-    if storage.is_remote(run_dir):
+    remote = storage.is_remote(run_dir)
+    if remote:
         names = {f.split("/", 1)[0] for f in storage.list_files(str(run_dir)) if "/" in f}
     else:
         names = {p.name for p in Path(run_dir).iterdir() if p.is_dir()}
@@ -299,10 +301,8 @@ def prune_untracked_checkpoints(run_dir: Path | str, tracked: set[str]) -> list[
         and 0 <= checkpoint_epoch(Path(n)) < newest
     )
     for name in stale:
-        if storage.is_remote(run_dir):
+        if remote:
             storage.delete_tree(storage.join(str(run_dir), name))
         else:
-            import shutil
-
             shutil.rmtree(Path(run_dir) / name)
     return stale
