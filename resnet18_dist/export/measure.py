@@ -1,21 +1,36 @@
 """Measure one artifact in a fresh process: latency, throughput, memory, and its test logits.
 
-A fresh (spawned) process per artifact, so that peak memory is that artifact's alone and one
-runtime's thread pools or caches never help another. ONNX Runtime rows never import torch.
-Every row runs with the same number of intra-op threads.
+A fresh process per artifact (``python -m resnet18_dist.export.measure``), so that peak memory
+is that artifact's alone and one runtime's thread pools or caches never help another. ONNX
+Runtime rows never import torch. Every row runs with the same number of intra-op threads.
+
+Why a plain ``python -m`` and not multiprocessing's spawn: a spawned child first re-imports the
+parent's ``__main__`` (launch/export.py, hence torch and the whole CLI), which cost every row
+about 4 s on 2 cores and put torch's memory into the ONNX Runtime rows' peak RSS.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _pythonpath() -> list[str]:
+    return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
 
 KINDS = ("torch_fp32", "torch_dynamic_int8", "onnx_fp32", "onnx_int8", "tensorrt")
 
@@ -84,51 +99,63 @@ def _runner(
 
 
 def _child(
-    kind: str, path: str, model_pt: str, perf: str, data: str, opts: MeasureOptions, conn: Any
-) -> None:
-    try:
-        baseline = _rss_mb()
-        run = _runner(kind, Path(path), Path(model_pt), opts.threads)
-        images = np.load(perf)
-        one = np.ascontiguousarray(images[:1])
-        for _ in range(10):
-            run(one)
-        lat = []
-        for _ in range(opts.latency_iters):
-            t = time.perf_counter()
-            run(one)
-            lat.append(time.perf_counter() - t)
-        batch = np.ascontiguousarray(np.resize(images, (opts.throughput_batch, *images.shape[1:])))
+    kind: str, path: str, model_pt: str, perf: str, data: str, opts: MeasureOptions
+) -> dict[str, Any]:
+    # The runtime first, so that "model MB" (peak minus this baseline) is the model's alone.
+    if kind.startswith("onnx"):
+        import onnxruntime  # noqa: F401
+    else:
+        import torch  # noqa: F401
+
+        from resnet18_dist.models.model_file import load_model_pt  # noqa: F401
+    baseline = _rss_mb()
+    run = _runner(kind, Path(path), Path(model_pt), opts.threads)
+    images = np.load(perf)
+    one = np.ascontiguousarray(images[:1])
+    for _ in range(10):
+        run(one)
+    lat = []
+    for _ in range(opts.latency_iters):
+        t = time.perf_counter()
+        run(one)
+        lat.append(time.perf_counter() - t)
+    batch = np.ascontiguousarray(np.resize(images, (opts.throughput_batch, *images.shape[1:])))
+    run(batch)
+    n, start = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - start < opts.throughput_seconds:
         run(batch)
-        n, start = 0, time.perf_counter()
-        while n < 3 or time.perf_counter() - start < opts.throughput_seconds:
-            run(batch)
-            n += 1
-        throughput = n * len(batch) / (time.perf_counter() - start)
-        peak = _peak_rss_mb()
-        test = np.load(data, mmap_mode="r")
-        logits = np.concatenate(
-            [
-                run(np.ascontiguousarray(test[i : i + opts.eval_batch]))
-                for i in range(0, len(test), opts.eval_batch)
-            ]
-        )
-        conn.send(
-            {
-                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3),
-                "latency_p95_ms": float(np.percentile(lat, 95) * 1e3),
-                "latency_runs": len(lat),
-                "throughput_batch": len(batch),
-                "throughput_images_per_s": throughput,
-                "peak_rss_mb": peak,
-                "model_memory_mb": peak - baseline,
-                "logits": logits.astype(np.float32),
-            }
-        )
-    except BaseException as exc:  # report, never hang the parent
-        conn.send({"error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        conn.close()
+        n += 1
+    throughput = n * len(batch) / (time.perf_counter() - start)
+    peak = _peak_rss_mb()
+    test = np.load(data, mmap_mode="r")
+    logits = np.concatenate(
+        [
+            run(np.ascontiguousarray(test[i : i + opts.eval_batch]))
+            for i in range(0, len(test), opts.eval_batch)
+        ]
+    )
+    return {
+        "latency_p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "latency_p95_ms": float(np.percentile(lat, 95) * 1e3),
+        "latency_runs": len(lat),
+        "throughput_batch": len(batch),
+        "throughput_images_per_s": throughput,
+        "peak_rss_mb": peak,
+        "model_memory_mb": peak - baseline,
+        "logits": logits.astype(np.float32),
+    }
+
+
+def main(argv: list[str]) -> int:
+    """The child: ``python -m resnet18_dist.export.measure REQUEST.json``; writes the figures
+    to ``REQUEST.json``'s ``out`` (.json) and the logits next to it (.npy)."""
+    request = json.loads(Path(argv[0]).read_text())
+    out = Path(request.pop("out"))
+    opts = MeasureOptions(**request.pop("opts"))
+    result = _child(**request, opts=opts)
+    np.save(out.with_suffix(".npy"), result.pop("logits"))
+    out.write_text(json.dumps(result))
+    return 0
 
 
 def measure(
@@ -140,25 +167,46 @@ def measure(
     opts: MeasureOptions,
     timeout_s: float = 3600,
 ) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=_child,
-        args=(kind, str(path), str(model_pt), str(perf_images), str(test_images), opts, child),
-    )
-    proc.start()
-    child.close()
-    if not parent.poll(timeout_s):
-        proc.kill()
-        raise RuntimeError(f"measuring {path.name} did not finish in {timeout_s:.0f}s")
-    try:
-        result = parent.recv()
-    except EOFError:  # the child died without a word (crash, OOM kill)
-        proc.join(60)
-        raise RuntimeError(
-            f"measuring {path.name}: its process died (exit code {proc.exitcode})"
-        ) from None
-    proc.join(60)
-    if "error" in result:
-        raise RuntimeError(f"measuring {path.name} failed: {result['error']}")
+    with tempfile.TemporaryDirectory(prefix="r18d-measure-") as tmp:
+        out = Path(tmp) / "result.json"
+        request = Path(tmp) / "request.json"
+        request.write_text(
+            json.dumps(
+                {
+                    "kind": kind,
+                    "path": str(path),
+                    "model_pt": str(model_pt),
+                    "perf": str(perf_images),
+                    "data": str(test_images),
+                    "opts": asdict(opts),
+                    "out": str(out),
+                }
+            )
+        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "resnet18_dist.export.measure", str(request)],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                # This checkout first, as spawn would hand over the parent's sys.path: a launch/
+                # script of an uninstalled clone, or a Ray job's working directory, still works.
+                env={**os.environ, "PYTHONPATH": os.pathsep.join((_PACKAGE_ROOT, *_pythonpath()))},
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"measuring {path.name} did not finish in {timeout_s:.0f}s"
+            ) from None
+        if proc.returncode != 0 or not out.is_file():
+            # The child's own last words (a traceback, or nothing after a crash or OOM kill).
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(
+                f"measuring {path.name} failed (exit code {proc.returncode}): {last}"
+            )
+        result = json.loads(out.read_text())
+        result["logits"] = np.load(out.with_suffix(".npy"))
     return result
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
