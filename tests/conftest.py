@@ -142,24 +142,47 @@ def small_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return run_dir
 
 
+# The README's quick start, word for word (tests/test_readme.py checks that it still is).
+MAIN_JOB = "python launch/train.py --num-workers 2"
+
+
+def user_env() -> dict[str, str]:
+    """A user's terminal after the quick start's `. .venv/bin/activate`: the venv's bin/ first
+    on PATH; the private Ray the first command on a laptop starts (never a cluster another test
+    module runs on this machine); no W&B."""
+    venv_bin = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join((venv_bin, os.environ.get("PATH", ""))),
+        "RAY_ADDRESS": "local",
+        "WANDB_MODE": "disabled",
+    }
+
+
 @pytest.fixture(scope="session")
-def digits_run(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The README's main job, `python launch/train.py --num-workers 2`, on the digits: 2 DDP
-    workers under a private Ray, the default 15 epochs of the real ResNet18. One trained run
-    (its directory, its console) for every test that needs a trained model: the main job's bar,
-    the export, predict and the REST endpoint."""
-    out = tmp_path_factory.mktemp("main-job")
-    proc = launch(
-        "train",
-        *("--data-dir", str(digits_dataset)),
-        *train_args(out, "main", 2, quiet=False),  # the console a user sees
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The README's main job, typed as the quick start writes it (`python launch/train.py
+    --num-workers 2`, through bash, in a user's working directory that holds a checkout's
+    launch/): the default digits, 2 DDP workers under a private Ray, the default 15 epochs of
+    the real ResNet18. One trained run (its directory under that working directory's runs/,
+    its console) for every test that needs a trained model: the main job's bar, the export,
+    predict, the REST endpoint, and the README's later commands (tests/test_readme.py goes on
+    in the same working directory)."""
+    cwd = tmp_path_factory.mktemp("main-job") / "work"
+    cwd.mkdir()
+    (cwd / "launch").symlink_to(REPO / "launch")  # a checkout's launch/, and nothing else
+    proc = subprocess.run(
+        ["bash", "-c", MAIN_JOB],
+        cwd=cwd,
+        env=user_env(),
+        capture_output=True,
+        text=True,
         timeout=1200,
-        # A private Ray: never a cluster another test module runs on this machine.
-        env={**os.environ, "RAY_ADDRESS": "local"},
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    return out / "main", log
+    (run,) = (cwd / "runs").iterdir()
+    return run, log
 
 
 @pytest.fixture(scope="session")

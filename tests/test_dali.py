@@ -240,7 +240,7 @@ def test_two_ray_workers_with_dali_learn_the_digits(tmp_path: Path) -> None:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "data backend dali (requested dali)" in log
-    # --verbose brings Ray's own INFO lines back (hidden by default, see test_ray_job.py).
+    # --verbose brings Ray's own INFO lines back (hidden by default: assert_two_rank_console).
     assert "TrainingReport(" in log and "Started training worker group" in log
     report = json.loads((tmp_path / "dali" / "report.json").read_text())
     assert report["resolved"]["data_backend"] == "dali" and report["resolved"]["world_size"] == 2

@@ -1,11 +1,12 @@
 """A real multi-node Ray cluster on loopback (a CPU-less head and 2-CPU worker nodes that come
-and go, token auth on): elastic runs that start small, shrink and grow, `ray job submit` with
-`--placement spread`, and a whole worker node lost mid-run."""
+and go, token auth on): elastic runs that start small, shrink and grow, `ray job submit` of a
+training job with `--placement spread` and of a sweep, and a whole worker node lost mid-run."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -162,6 +163,53 @@ def test_ray_job_submit_spreads_two_ddp_workers_over_two_nodes(
     assert report["test_samples"] == 360
     checkpoints = sorted(p.name for p in (tmp_path / "spread").glob("checkpoint_epoch*"))
     assert checkpoints == ["checkpoint_epoch0002", "checkpoint_epoch0003"]  # --keep-checkpoints 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_job_submit_runs_a_small_sweep(
+    cluster: LoopbackCluster, small_digits: Path, tmp_path: Path
+) -> None:
+    """A sweep as a Ray job on the same cluster (one `ray start` for the module; its two
+    2-CPU nodes hold two trials at once), with Optuna's TPE search (the `optuna` extra, which
+    CI installs; skipped, and reported so, without it)."""
+    from .test_sweep import _rows, _sweep_args
+
+    pytest.importorskip("optuna", reason="the optuna extra: pip install -e '.[optuna]'")
+
+    address, env = cluster.dashboard, cluster.env
+    runtime_env = {"env_vars": {"RESNET18_DIST_CACHE": os.environ["RESNET18_DIST_CACHE"]}}
+    proc = subprocess.run(
+        [
+            RAY,
+            *("job", "submit", "--address", address, "--working-dir", str(REPO)),
+            *("--runtime-env-json", json.dumps(runtime_env), "--"),
+            "python",
+            "launch/sweep.py",
+            *_sweep_args(small_digits, tmp_path, "job", "--num-samples", "2", *TINY),
+            *("--max-epochs", "1", "--wandb-mode", "disabled", "--max-int8-drop", "100"),
+            *("--search", "optuna"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "succeeded" in log
+    assert "The cluster has 4 CPU(s): 2 trial(s) fit at once" in log
+    rows = _rows(tmp_path / "job")
+    assert len(rows) == 2 and all(r["status"] != "error" for r in rows)
+    assert (tmp_path / "job" / "best" / "model.int8.onnx").is_file()
+    assert "optuna search" in log
+    assert len({r["lr"] for r in rows}) == 2  # two samples from TPE's start-up
+    # Tune's own record of the searcher that ran (the console above only echoes the option):
+    # a Searcher such as OptunaSearch saves searcher-state-*.pkl, the random search
+    # (BasicVariantGenerator) basic-variant-state-*.json instead.
+    sweep = tmp_path / "job"
+    assert list(sweep.glob("searcher-state-*.pkl")), sorted(p.name for p in sweep.iterdir())
+    assert not list(sweep.glob("basic-variant-state-*.json"))
 
 
 @pytest.mark.slow

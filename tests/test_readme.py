@@ -13,7 +13,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from resnet18_dist.export.pipeline import ExportOptions
 from resnet18_dist.serve.options import ServeOptions
 from tuning.space import SweepOptions
 
-from .conftest import REPO, free_port, subset_folder
+from .conftest import MAIN_JOB, REPO, free_port, subset_folder, user_env
 
 TABLES = {
     "train": TrainConfig,
@@ -137,8 +136,8 @@ SKIPPED: tuple[Skip, ...] = (
     ),
     Skip(
         "a started Ray cluster and `ray job submit`",
-        "`ray start` leaves a cluster running; tests/test_ray_job.py and tests/test_multinode.py "
-        "start one on loopback and submit real jobs to it",
+        "`ray start` leaves a cluster running; tests/test_multinode.py starts one on loopback and "
+        "submits real training and sweep jobs to it",
         (
             "ray start --head",
             "export RAY_AUTH_MODE=token",
@@ -267,10 +266,10 @@ SKIPPED: tuple[Skip, ...] = (
 
 OVERRIDES: tuple[Override, ...] = (
     Override(
-        "python launch/train.py",
+        "python launch/train.py --data-dir",
         ("--epochs", "1", "--width", "0.25"),
         "one epoch of a quarter-width ResNet18 (the same code path, 1/16 of the compute): the "
-        "later commands need a run's files, not its accuracy",
+        "own-data run is about paths and files, not accuracy",
     ),
     Override(
         "python launch/train.py --data-dir data/flowers --num-workers 4",
@@ -301,6 +300,14 @@ SUBSTITUTIONS: tuple[Substitution, ...] = (
     Substitution("<name>", "{run}", "the quick start's run (its name is a timestamp)"),
     Substitution("127.0.0.1:8000", "127.0.0.1:{port}", "the server's free port"),
 )
+
+# Commands a session-wide fixture of tests/conftest.py runs once, exactly as written, in the
+# working directory the README's other commands then run in; the test reads their console.
+SHARED: dict[str, str] = {
+    MAIN_JOB: "the quick start's main job, run once per test session as written (the default 15 "
+    "epochs of the real ResNet18, 2 DDP workers; `digits_run` in tests/conftest.py): its run "
+    "is the one the later commands export and serve, and tests/test_ray_job.py checks its bar",
+}
 
 # Files the README's commands name as the user's own, made in the working directory first.
 USER_FILES = {
@@ -416,6 +423,9 @@ def plan_problems(commands: list[Command]) -> list[str]:
     for s in SUBSTITUTIONS:
         if not any(s.old in c.text for c in runnable):
             problems.append(f"SUBSTITUTIONS: no command the test runs has `{s.old}`")
+    for text in SHARED:
+        if text not in {c.text for c in runnable}:
+            problems.append(f"SHARED: the README no longer has `{text}`")
     for name in USER_FILES:
         if not any(name in c.text.split() or f"@{name}" in c.text for c in runnable):
             problems.append(f"USER_FILES: no command the test runs names {name}")
@@ -434,6 +444,9 @@ def readme_tests_markdown() -> str:
     lines += [f"- {code(s.old)}: {s.why}" for s in SUBSTITUTIONS]
     files = ", ".join(f"{code(n)} ({what})" for n, what in USER_FILES.items())
     lines += ["", f"The user's own files, made first: {files}.", ""]
+    lines += ["Run once per test session, as written, and shared:", ""]
+    lines += [f"- {code(c)}: {why}" for c, why in SHARED.items()]
+    lines += [""]
     lines += ["What the README-as-tests do not run:", ""]
     for s in SKIPPED:
         lines.append(f"- {s.what}: {s.why}: " + "; ".join(code(c) for c in s.commands) + ".")
@@ -457,14 +470,7 @@ class UserShell:
 
     @property
     def env(self) -> dict[str, str]:
-        venv_bin = str(Path(sys.executable).parent)
-        return {
-            **os.environ,
-            "PATH": os.pathsep.join((venv_bin, os.environ.get("PATH", ""))),
-            # The private Ray the first command on a laptop starts, never another test's cluster.
-            "RAY_ADDRESS": "local",
-            "WANDB_MODE": "disabled",
-        }
+        return user_env()
 
     def values(self) -> dict[str, str]:
         runs = sorted((self.cwd / "runs").glob("*/report.json"), key=lambda p: p.stat().st_mtime)
@@ -562,7 +568,8 @@ def _clocks() -> tuple[float, float]:
 
 
 def make_user_files(cwd: Path, digits_folder: Path) -> None:
-    (cwd / "launch").symlink_to(REPO / "launch")  # a checkout's launch/, and nothing else
+    if not (cwd / "launch").exists():
+        (cwd / "launch").symlink_to(REPO / "launch")  # a checkout's launch/, and nothing else
     three = sorted((digits_folder / "3").iterdir())
     shutil.copy(three[0], cwd / "digit3.jpg")
     shutil.copy(three[1], cwd / "cat.jpg")
@@ -593,7 +600,7 @@ def run_readme(readme: str, shell: UserShell) -> None:
     curls run against each server the README starts. Raises at the first failure."""
     commands = [c for c in shell_commands(readme) if not skipped(c)]
     clients = [c for c in commands if c.text.startswith("curl ")]
-    done: set[str] = set()
+    done = set(shell.outputs)  # a SHARED command, already run in this working directory
     for command in commands:
         if command in clients or command.text in done:
             continue  # a command written twice (the quick start's, the laptop's) runs once
@@ -739,9 +746,15 @@ def test_a_broken_readme_command_fails_naming_it(tmp_path: Path, digits_folder: 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_readme_commands_run_as_a_user_runs_them(tmp_path: Path, digits_folder: Path) -> None:
+def test_readme_commands_run_as_a_user_runs_them(
+    tmp_path: Path, digits_folder: Path, digits_run: tuple[Path, str]
+) -> None:
     readme = README.read_text()
-    shell = user_shell(tmp_path, digits_folder)
+    # The user's working directory is the main job's: the quick start already ran there.
+    cwd = digits_run[0].parents[1]
+    make_user_files(cwd, digits_folder)
+    shell = UserShell(cwd, subset_folder(digits_folder, tmp_path / "flowers", per_class=20))
+    shell.outputs[MAIN_JOB] = digits_run[1]
     try:
         run_readme(readme, shell)
     finally:
@@ -764,7 +777,7 @@ def test_readme_commands_run_as_a_user_runs_them(tmp_path: Path, digits_folder: 
     run = cwd / "runs" / shell.values()["run"]
     for name in ("config.yaml", "run_info.json", "metrics.jsonl", "report.json", "model.pt"):
         assert (run / name).is_file(), name
-    assert (run / "checkpoint_epoch0001" / "checkpoint.pt").is_file()
+    assert (run / "checkpoint_epoch0015" / "checkpoint.pt").is_file()  # the default 15 epochs
     assert (cwd / "data" / "flowers" / "manifest.json").is_file()
     for name in ("trials.csv", "sweep.png", "best/model.onnx", "best/trial.json"):
         assert (cwd / "sweeps" / "s1" / name).is_file(), name

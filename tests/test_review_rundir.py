@@ -1,12 +1,10 @@
 """Code review of issue 21, the run directory and resuming: ``--fresh --resume`` into the run it
 moves aside, ``--resume`` alone on a run that died before its first checkpoint, run names that
-are not plain path components, and a bucket run's local mirror outliving the run."""
+are not plain path components (a bucket run's local mirror outliving the run: see the end)."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +17,6 @@ from resnet18_dist.engine.rundir import plan_run
 from resnet18_dist.options import ConfigError
 
 from .conftest import REPO
-from .test_storage_s3 import BUCKET, _get, _objects, s3  # noqa: F401  (moto's S3 server fixture)
 
 
 def _train_cmd(data: Path, *extra: str) -> list[str]:
@@ -151,52 +148,6 @@ def test_the_train_command_refuses_a_run_name_with_exit_code_2(
     assert "[A-Za-z0-9._-]" in out.stderr and not (tmp_path / "runs").exists()
 
 
-# ---------------------------------------- 5 and 9 on a bucket: the moved run, the local mirror
-@pytest.mark.ray
-@pytest.mark.slow
-def test_fresh_bucket_run_from_its_own_checkpoint_reads_the_moved_copy_and_no_old_metrics(
-    s3: dict[str, str],  # noqa: F811
-    small_digits: Path,
-    tmp_path: Path,
-) -> None:
-    """``--fresh --resume s3://.../m/checkpoint_epoch0001 --name m``: the old run is copied aside
-    and deleted, so the checkpoint is read from the copy; the new run's metrics.jsonl holds its
-    own epochs only, not the old run's lines left in this node's local mirror of ``m``."""
-    env = {**os.environ, **s3, "RESNET18_DIST_CACHE": str(tmp_path / "cache")}
-    runs = f"s3://{BUCKET}/review"
-    first = subprocess.run(
-        _train_cmd(small_digits, "--epochs", "1", "--output-dir", runs, "--name", "m"),
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "review/m/checkpoint_epoch0001/checkpoint.pt" in _objects(s3, "review/m/")
-
-    second = subprocess.run(
-        _train_cmd(
-            small_digits,
-            *("--epochs", "2", "--output-dir", runs, "--name", "m", "--fresh"),
-            *("--resume", f"{runs}/m/checkpoint_epoch0001"),
-        ),
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = second.stdout + second.stderr
-    assert second.returncode == 0, out[-4000:]
-    keys = _objects(s3, "review/")
-    (moved,) = {k.split("/")[1] for k in keys if k.startswith("review/m.prev-")}
-    assert f"--fresh: the previous run is kept in {runs}/{moved}" in second.stdout
-    assert f"starting from checkpoint {runs}/{moved}/checkpoint_epoch0001" in second.stdout
-    assert [int(e) for e in re.findall(r"epoch (\d+)/2: train loss", out)] == [2]
-    report = json.loads(_get(s3, "review/m/report.json"))
-    assert report["epochs_run"] == 2
-    metrics = [json.loads(x)["epoch"] for x in _get(s3, "review/m/metrics.jsonl").splitlines()]
-    assert metrics == [1], metrics  # the new run's own epoch; none of the old run's lines
-    old = [json.loads(x)["epoch"] for x in _get(s3, f"review/{moved}/metrics.jsonl").splitlines()]
-    assert old == [0]
+# 5 and 9 on a bucket (`--fresh --resume` from the run's own checkpoint reads the moved copy; the
+# new run's metrics hold none of the old lines of the node's local mirror): the last step of
+# tests/test_storage_s3.py's run on S3, which already holds such a finished run.

@@ -168,6 +168,29 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
     assert exported["checks"]["fp32_ok"], exported["checks"]
     assert exported["checkpoint"].startswith(f"{runs}/s3run/checkpoint_epoch0006"), exported
 
+    # `--fresh --resume` from the run's own checkpoint (issue 21's review, on a bucket): the
+    # finished run is copied aside and deleted (an object store has no rename), so the
+    # checkpoint is read from the copy; the new run's metrics.jsonl holds its own epoch only,
+    # none of the old run's lines that this node's local mirror of s3run still holds.
+    fresh = subprocess.run(
+        [*cmd, "--epochs", "7", "--fresh", "--resume", f"{runs}/s3run/checkpoint_epoch0006"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = fresh.stdout + fresh.stderr
+    assert fresh.returncode == 0, out[-4000:]
+    (moved,) = {k.split("/")[1] for k in _objects(s3, "runs/") if k.startswith("runs/s3run.prev-")}
+    assert f"--fresh: the previous run is kept in {runs}/{moved}" in fresh.stdout
+    assert f"starting from checkpoint {runs}/{moved}/checkpoint_epoch0006" in fresh.stdout
+    assert [int(e) for e in re.findall(r"epoch (\d+)/7: train loss", out)] == [7]
+    assert json.loads(_get(s3, f"{prefix}report.json"))["epochs_run"] == 7
+    metrics = [json.loads(x)["epoch"] for x in _get(s3, f"{prefix}metrics.jsonl").splitlines()]
+    assert metrics == [6], metrics  # the new run's own epoch; none of the old run's lines
+    old = [json.loads(x)["epoch"] for x in _get(s3, f"runs/{moved}/metrics.jsonl").splitlines()]
+    assert old == [0, 1, 2, 3, 4, 5]
+
 
 def _upload(env: dict[str, str], local: Path, prefix: str) -> None:
     import boto3

@@ -258,4 +258,4 @@ def test_killed_sweep_continues_without_rerunning_a_finished_trial(
     assert (sweep / "best" / "model.int8.onnx").is_file()
 
 
-# Optuna's search: tests/test_ray_job.py runs it as a sweep submitted with `ray job submit`.
+# Optuna's search: tests/test_multinode.py runs it as a sweep submitted with `ray job submit`.
