@@ -90,6 +90,12 @@ class SweepOptions(Options):
         "against FP32 ONNX.",
         ge=0,
     )
+    # The best trial's export measures briefly by default (a sweep is about the choice; run
+    # `export` on best/'s run for the full figures); the same options as the export command's.
+    latency_iters: int = opt(50, "Export of the best trial: timed batch-1 runs per artifact.", ge=1)
+    throughput_seconds: float = opt(
+        1.0, "Export of the best trial: seconds of batch-64 runs per artifact.", gt=0
+    )
 
     def validate(self) -> None:
         _check_range("lr_range", self.lr_range, log=True)

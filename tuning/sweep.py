@@ -91,6 +91,8 @@ RUN_CONTROLS = {
     ("run", "address"),
     ("run", "wandb_mode"),
     ("sweep", "max_int8_drop"),  # the export's gate, applied when the sweep ends
+    ("sweep", "latency_iters"),  # the export's measuring, too
+    ("sweep", "throughput_seconds"),
 }
 
 
@@ -416,8 +418,8 @@ def export_best(
         checkpoint=str(best.run_dir),
         out=str(out),
         max_int8_drop=cfg.sweep.max_int8_drop,
-        latency_iters=50,
-        throughput_seconds=1.0,
+        latency_iters=cfg.sweep.latency_iters,
+        throughput_seconds=cfg.sweep.throughput_seconds,
         wandb_mode="disabled",
         quiet=True,
     )
