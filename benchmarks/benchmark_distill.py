@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet18_dist.options import absolute_path
+from resnet18_dist.run_files import REPORT_FILE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(name: str, epochs: int, seed: int, **sections) -> dict:
         run_dir = out / name
-        report_file = run_dir / "report.json"
+        report_file = run_dir / REPORT_FILE
         if report_file.is_file():  # resumable benchmark: finished runs are not repeated
             return json.loads(report_file.read_text())
         cfg = TrainConfig(

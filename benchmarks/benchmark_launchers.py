@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from resnet18_dist.options import absolute_path  # noqa: E402  (after the path)
+from resnet18_dist.run_files import METRICS_FILE, REPORT_FILE  # noqa: E402
 
 PHASES = ("start-up", "training", "checkpoint", "evaluation", "teardown", "other")
 
@@ -74,8 +75,8 @@ def _run(repo: Path, launcher: str, out: Path, name: str, args: argparse.Namespa
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     run_dir = out / name
-    report = json.loads((run_dir / "report.json").read_text())
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    report = json.loads((run_dir / REPORT_FILE).read_text())
+    epochs = [json.loads(line) for line in (run_dir / METRICS_FILE).open()]
     wall = end - start
     training = sum(e["train_time_s"] for e in epochs)
     result = {

@@ -27,16 +27,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from resnet18_dist.options import absolute_path  # noqa: E402  (after the path)
+from resnet18_dist.run_files import METRICS_FILE, REPORT_FILE  # noqa: E402
 
 
 def trial_training_s(run_dir: Path) -> float:
     total = 0.0
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             if line.strip():
                 total += float(json.loads(line).get("epoch_time_s", 0.0))
-    report = run_dir / "report.json"
+    report = run_dir / REPORT_FILE
     if report.is_file():
         total += float(json.loads(report.read_text()).get("timings", {}).get("test_s", 0.0))
     return total

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from resnet18_dist.atomic import atomic_write
+from resnet18_dist.run_files import CONFIG_FILE, METRICS_FILE, REPORT_FILE
 
 
 class CompareError(ValueError):
@@ -43,7 +44,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_run(path: str | Path) -> RunRecord:
     p = Path(path)
-    metrics = p / "metrics.jsonl"
+    metrics = p / METRICS_FILE
     if not metrics.is_file():
         raise CompareError(f"{p}: not a run directory (no metrics.jsonl)")
     epochs = []
@@ -54,11 +55,11 @@ def load_run(path: str | Path) -> RunRecord:
             except json.JSONDecodeError as exc:
                 raise CompareError(f"{metrics}:{i}: not JSON ({exc})") from exc
     config = {}
-    if (p / "config.yaml").is_file():
-        config = _flatten(yaml.safe_load((p / "config.yaml").read_text()) or {})
+    if (p / CONFIG_FILE).is_file():
+        config = _flatten(yaml.safe_load((p / CONFIG_FILE).read_text()) or {})
     report = None
-    if (p / "report.json").is_file():
-        report = json.loads((p / "report.json").read_text())
+    if (p / REPORT_FILE).is_file():
+        report = json.loads((p / REPORT_FILE).read_text())
     return RunRecord(p.name, p, config, epochs, report)
 
 
@@ -66,7 +67,7 @@ def runs_in_sweep(directory: str | Path) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
         raise CompareError(f"--sweep {d}: no such directory")
-    found = sorted(p.parent for p in d.rglob("metrics.jsonl"))
+    found = sorted(p.parent for p in d.rglob(METRICS_FILE))
     if not found:
         raise CompareError(f"--sweep {d}: no run directories (metrics.jsonl) below it")
     return found

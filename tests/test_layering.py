@@ -98,3 +98,45 @@ def test_the_layering_check_sees_a_violation(tmp_path: Path, monkeypatch) -> Non
         "resnet18_dist/engine/sweeps.py:1 imports tuning.sweep (floor 4 > 2)",
         "tuning/bad.py:1 imports resnet18_dist.commands.export (floor 5 > 4)",
     ]
+
+
+# The run directory's file names are written once, in resnet18_dist/run_files.py (issue 23): a
+# name spelled out elsewhere is a second owner that drifts. Allowed elsewhere: the export
+# directory's own report.json and the self-describing model.pt (model_meta, which run_files
+# reuses), and benchmarks/gpu_check.py, which runs on a GPU machine before the package need be
+# importable.
+RUN_FILE_NAMES = {"config.yaml", "run_info.json", "metrics.jsonl", "report.json", "model.pt"}
+RUN_FILE_OWNERS = {
+    "resnet18_dist/run_files.py": RUN_FILE_NAMES,
+    "resnet18_dist/model_meta.py": {"model.pt"},
+    "resnet18_dist/export/pipeline.py": {"report.json"},
+    "benchmarks/gpu_check.py": {"report.json", "metrics.jsonl"},
+}
+
+
+def run_file_literals(root: Path) -> list[str]:
+    """Every string constant that is exactly a run file's name, outside its owners."""
+    found = []
+    for top in ("resnet18_dist", "tuning", "launch", "benchmarks"):
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            allowed = RUN_FILE_OWNERS.get(rel, set())
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Constant)
+                    and node.value in RUN_FILE_NAMES
+                    and node.value not in allowed
+                ):
+                    found.append(f"{rel}:{node.lineno} {node.value!r}")
+    return found
+
+
+def test_run_file_names_are_written_once(tmp_path: Path) -> None:
+    assert run_file_literals(REPO) == []
+    # A literal planted in a copy of one module is reported, naming where.
+    planted = tmp_path / "tuning"
+    planted.mkdir()
+    (planted / "x.py").write_text('from pathlib import Path\n\nP = Path("r") / "metrics.jsonl"\n')
+    for top in ("resnet18_dist", "launch", "benchmarks"):
+        (tmp_path / top).mkdir()
+    assert run_file_literals(tmp_path) == ["tuning/x.py:3 'metrics.jsonl'"]

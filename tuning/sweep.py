@@ -21,6 +21,7 @@ from typing import Any
 
 from resnet18_dist.cli import absolute_paths
 from resnet18_dist.options import ConfigError, coerce, default_of, flag, read_yaml
+from resnet18_dist.run_files import CONFIG_FILE, REPORT_FILE
 from tuning.space import SEARCHED, SweepConfig, format_value, param_space
 from tuning.trial import METRIC, TIME_ATTR, run_trial, trial_run_name
 
@@ -424,7 +425,7 @@ def export_best(
         quiet=True,
     )
     report = export_artifacts(opts)
-    trial_report = best.run_dir / "report.json"
+    trial_report = best.run_dir / REPORT_FILE
     info = {
         "trial": best.trial,
         "trial_id": best.trial_id,
@@ -440,8 +441,8 @@ def export_best(
             k: v for k, v in t.items() if k.startswith("test_") and k != "test_confusion"
         }
     (out / "trial.json").write_text(json.dumps(info, indent=1))
-    if (best.run_dir / "config.yaml").is_file():
-        shutil.copy(best.run_dir / "config.yaml", out / "trial_config.yaml")
+    if (best.run_dir / CONFIG_FILE).is_file():
+        shutil.copy(best.run_dir / CONFIG_FILE, out / "trial_config.yaml")
     log_export(
         report,
         out,

@@ -23,6 +23,7 @@ from pathlib import PurePosixPath
 from resnet18_dist.cli import build_parser, parse_options
 from resnet18_dist.config import TrainConfig
 from resnet18_dist.options import ConfigError
+from resnet18_dist.run_files import REPORT_FILE
 
 # Heavier imports (torch, Ray) wait until the options are parsed, so a typo fails fast.
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
         print(f"removed {name}: a checkpoint Ray Train did not register (--keep-checkpoints)")
     report = result.return_value
     if report is None:  # the worker's return value did not come back: read what it wrote
-        report = json.loads(read_run_file(plan.run_dir, "report.json"))
+        report = json.loads(read_run_file(plan.run_dir, REPORT_FILE))
     print(format_report(report), flush=True)
     return 0
 

@@ -30,13 +30,13 @@ from resnet18_dist.checkpoint_file import (
 )
 from resnet18_dist.config import RESUME_THIS_RUN, RunConfig
 from resnet18_dist.options import ConfigError
-
-# The files of a run directory, besides its checkpoint_*/ directories.
-CONFIG_FILE = "config.yaml"
-RUN_INFO_FILE = "run_info.json"
-METRICS_FILE = "metrics.jsonl"
-BEST_MODEL_FILE = "model.pt"
-REPORT_FILE = "report.json"  # written last: its presence marks a finished run
+from resnet18_dist.run_files import (  # noqa: F401  (the run files' names, also read from here)
+    BEST_MODEL_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    RUN_INFO_FILE,
+)
 
 
 @dataclass(frozen=True)
