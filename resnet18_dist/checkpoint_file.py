@@ -128,6 +128,12 @@ def _fetch(uri: str) -> Path:
     return local
 
 
+def checkpoint_dir_name(epoch: int) -> str:
+    """The directory a checkpoint taken after 0-based ``epoch`` is saved in (one place for the
+    name that ``checkpoint_epoch`` reads back)."""
+    return f"checkpoint_epoch{epoch + 1:04d}"
+
+
 def checkpoint_epoch(path: Path) -> int:
     """The epoch number in ``checkpoint_epochNNNN`` (-1 for any other name)."""
     m = re.search(r"epoch(\d+)", Path(path).name)

@@ -216,3 +216,21 @@ def test_a_checkpoint_cut_short_by_a_kill_is_skipped_for_the_newest_whole_one(
     assert found == tmp_path / "checkpoint_epoch0002" / "checkpoint.pt"
     assert checkpoint_epoch(found.parent) == 2
     assert load_checkpoint(tmp_path)["loop"]["epoch"] == 2  # a run directory resolves the same
+
+
+def test_a_checkpoint_directory_name_reads_back_as_its_epoch(tmp_path: Path) -> None:
+    """One place writes the name (after 0-based epoch e: checkpoint_epoch{e+1:04d}) and reads
+    it back; the newest of several is found by that number, not by the names' sort order."""
+    from resnet18_dist.checkpoint_file import checkpoint_dir_name, write_checkpoint
+
+    assert [checkpoint_epoch(Path(checkpoint_dir_name(e))) for e in (0, 8, 9, 12344)] == [
+        1,
+        9,
+        10,
+        12345,
+    ]
+    assert checkpoint_dir_name(9) == "checkpoint_epoch0010"
+    for epoch in (8998, 9999):  # "checkpoint_epoch10000" sorts before "checkpoint_epoch8999"
+        write_checkpoint({"loop": {"epoch": epoch + 1}}, tmp_path / checkpoint_dir_name(epoch))
+    assert sorted(p.name for p in tmp_path.iterdir())[-1] == "checkpoint_epoch8999"
+    assert checkpoint_epoch(latest_checkpoint_in(tmp_path).parent) == 10000

@@ -11,14 +11,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from resnet18_dist.checkpoint_file import CHECKPOINT_FILE, checkpoint_epoch
+from resnet18_dist.checkpoint_file import CHECKPOINT_FILE, checkpoint_dir_name, checkpoint_epoch
 
 if TYPE_CHECKING:  # only a type here; importing it would pull in the models
     from resnet18_dist.engine.checkpoint import TrainState
-
-
-def checkpoint_dir_name(epoch: int) -> str:
-    return f"checkpoint_epoch{epoch + 1:04d}"
 
 
 class Reporter(Protocol):

@@ -19,10 +19,9 @@ from torch import nn
 
 from resnet18_dist import storage
 from resnet18_dist.cache import cache_root
-from resnet18_dist.checkpoint_file import CHECKPOINT_FILE, checkpoint_epoch
+from resnet18_dist.checkpoint_file import CHECKPOINT_FILE, checkpoint_dir_name, checkpoint_epoch
 from resnet18_dist.config import RunConfig, TrainConfig
 from resnet18_dist.engine.callbacks import Callback
-from resnet18_dist.engine.reporting import checkpoint_dir_name
 from resnet18_dist.engine.rundir import (
     BEST_MODEL_FILE,
     CONFIG_FILE,
