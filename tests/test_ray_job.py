@@ -12,8 +12,6 @@ import pytest
 
 from .conftest import REPO, assert_two_rank_console
 
-TINY = ("--width", "0.25")
-
 
 @pytest.mark.slow
 @pytest.mark.ray

@@ -716,6 +716,9 @@ def test_a_new_or_changed_command_is_neither_run_nor_listed_until_the_tables_say
     assert "SKIPPED lists `ray up cluster/aws-gpu.yaml`, which the README no longer has" in problems
     assert "`ray stop` is neither run" in problems
     assert "SUBSTITUTIONS: no command the test runs has `/data/flowers`" in problems
+    # The main job written another way (both places): the shared run no longer matches it.
+    other = readme.replace("python launch/train.py --num-workers 2", "python launch/train.py -h")
+    assert f"SHARED: the README no longer has `{MAIN_JOB}`" in plan_problems(shell_commands(other))
 
 
 def test_the_readme_states_what_its_tests_change_and_leave_out() -> None:
@@ -778,6 +781,7 @@ def test_readme_commands_run_as_a_user_runs_them(
         assert missing == [], f"{section}: the console has no line like these: {missing}\n{console}"
     cwd = shell.cwd
     run = cwd / "runs" / shell.values()["run"]
+    assert run == digits_run[0]  # the export, predict and serve commands used the main job's run
     for name in ("config.yaml", "run_info.json", "metrics.jsonl", "report.json", "model.pt"):
         assert (run / name).is_file(), name
     assert (run / "checkpoint_epoch0015" / "checkpoint.pt").is_file()  # the default 15 epochs

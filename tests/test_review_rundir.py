@@ -1,6 +1,6 @@
 """Code review of issue 21, the run directory and resuming: ``--fresh --resume`` into the run it
 moves aside, ``--resume`` alone on a run that died before its first checkpoint, run names that
-are not plain path components (a bucket run's local mirror outliving the run: see the end)."""
+are not plain path components. (A bucket run's local mirror outliving the run: see the end.)"""
 
 from __future__ import annotations
 

@@ -97,11 +97,13 @@ def test_the_same_options_fresh_and_run_controls_pass_the_check(
     del saved["model"]["dropout"]
     (sweep_dir / "sweep_config.yaml").write_text(yaml.safe_dump(saved))
     check_same_sweep(same, sweep_dir)
-    # How this invocation runs, not what the sweep is: quiet, W&B mode, --resume, the gate.
+    # How this invocation runs, not what the sweep is: quiet, W&B mode, --resume, the export's
+    # gate and measuring.
     controls = _sweep_config(
         [
             *("--name", "s1", "--output-dir", "sweeps", "--num-samples", "4", "--quiet"),
             *("--wandb-mode", "disabled", "--resume", "--max-int8-drop", "3", "--verbose"),
+            *("--latency-iters", "3", "--throughput-seconds", "0.2"),  # the export's measuring
         ]
     )
     check_same_sweep(controls, sweep_dir)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import REPO, launch
 
@@ -135,6 +136,9 @@ def test_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
         *TINY,
         # SE blocks in every trial (the searched choice, one value here): trials build them.
         *("--max-epochs", "2", "--grace-period", "1", "--se-choices", "4"),
+        # One trial at a time on any machine, so that the leader reaches the rung first: ASHA
+        # never stops the first trial to report at a rung.
+        *("--max-concurrent", "1"),
         *("--wandb-mode", "offline"),
         # Two epochs at 8 px leave a weak model whose INT8 copy can lose much; the gate itself
         # is tested in test_export.py and by acceptance 1 (README).
@@ -157,6 +161,8 @@ def test_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
     assert {r["trial"] for r in rows if r["stopped_by_asha"] == "True"} == {
         f"trial-{t.rsplit('_', 1)[-1]}" for t in stopped
     }
+    (hopeless,) = [r for r in rows if r["stopped_by_asha"] == "True"]
+    assert float(hopeless["lr"]) == min(float(r["lr"]) for r in rows)  # the one that barely moved
 
     # The best trial is the one with the highest validation top-1 (never test).
     best_val = {t: max(r["val_top1"] for r in rs if "epoch" in r) for t, rs in results.items()}
@@ -168,6 +174,10 @@ def test_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
     assert info["test"]["test_samples"] == 360 and info["test"]["test_top1"] > 0.3
     for f in ("model.onnx", "model.int8.onnx", "report.json", "report.md", "trial_config.yaml"):
         assert (sweep / "best" / f).is_file(), f
+    assert (
+        yaml.safe_load((sweep / "best" / "trial_config.yaml").read_text())["model"]["se_reduction"]
+        == 4
+    )
     export = json.loads((sweep / "best" / "report.json").read_text())
     assert export["checks"]["fp32_ok"] and "int8_top1_drop" in export["checks"]
     assert {r["latency_runs"] for r in export["rows"]} == {2}  # --latency-iters reached it

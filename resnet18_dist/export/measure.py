@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,8 +29,12 @@ import numpy as np
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def _pythonpath() -> list[str]:
-    return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+def child_env() -> dict[str, str]:
+    """The measuring child's environment: this checkout first on its path, as spawn would hand
+    over the parent's sys.path, so that a launch/ script of an uninstalled clone, or a Ray job's
+    working directory, measures with the package it runs."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join((_PACKAGE_ROOT, *rest))}
 
 
 KINDS = ("torch_fp32", "torch_dynamic_int8", "onnx_fp32", "onnx_int8", "tensorrt")
@@ -52,7 +57,7 @@ def _rss_mb() -> float:
 
 def _peak_rss_mb() -> float:
     """VmHWM: this process image's peak RSS. (getrusage's ru_maxrss survives exec on Linux,
-    so a spawned child would report its parent's peak.)"""
+    so a child started by exec would report its parent's peak.)"""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
@@ -78,6 +83,10 @@ def _runner(
     import torch
 
     torch.set_num_threads(threads)
+    if kind == "tensorrt":
+        from resnet18_dist.export.tensorrt import engine_runner
+
+        return engine_runner(path)
     from resnet18_dist.models.model_file import load_model_pt
 
     model, _ = load_model_pt(model_pt)
@@ -86,10 +95,6 @@ def _runner(
 
         model = quantize_dynamic_torch(model)
         model.load_state_dict(torch.load(path, weights_only=True))
-    elif kind == "tensorrt":
-        from resnet18_dist.export.tensorrt import engine_runner
-
-        return engine_runner(path)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -101,13 +106,19 @@ def _runner(
 def _child(
     kind: str, path: str, model_pt: str, perf: str, data: str, opts: MeasureOptions
 ) -> dict[str, Any]:
-    # The runtime first, so that "model MB" (peak minus this baseline) is the model's alone.
+    # The runtime first (and the modules this row's loading imports), so that "model MB" (peak
+    # minus this baseline) is the model's alone.
     if kind.startswith("onnx"):
         import onnxruntime  # noqa: F401
+    elif kind == "tensorrt":
+        import resnet18_dist.export.tensorrt
     else:
         import torch  # noqa: F401
 
-        from resnet18_dist.models.model_file import load_model_pt  # noqa: F401
+        import resnet18_dist.models.model_file
+
+        if kind == "torch_dynamic_int8":
+            import resnet18_dist.export.quantize  # noqa: F401
     baseline = _rss_mb()
     run = _runner(kind, Path(path), Path(model_pt), opts.threads)
     images = np.load(perf)
@@ -188,17 +199,20 @@ def measure(
                 [sys.executable, "-m", "resnet18_dist.export.measure", str(request)],
                 capture_output=True,
                 text=True,
+                errors="replace",  # a runtime's log in another encoding is not our failure
                 timeout=timeout_s,
-                # This checkout first, as spawn would hand over the parent's sys.path: a launch/
-                # script of an uninstalled clone, or a Ray job's working directory, still works.
-                env={**os.environ, "PYTHONPATH": os.pathsep.join((_PACKAGE_ROOT, *_pythonpath()))},
+                cwd=tmp,  # `-m` puts the working directory first: never another checkout there
+                env=child_env(),
             )
         except subprocess.TimeoutExpired:
             raise RuntimeError(
                 f"measuring {path.name} did not finish in {timeout_s:.0f}s"
             ) from None
+        if proc.returncode < 0:  # killed: the OOM killer's SIGKILL, most likely
+            name = signal.Signals(-proc.returncode).name
+            raise RuntimeError(f"measuring {path.name}: its process was killed by {name}")
         if proc.returncode != 0 or not out.is_file():
-            # The child's own last words (a traceback, or nothing after a crash or OOM kill).
+            # The child's own last words: its exception (the traceback's last line).
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(
                 f"measuring {path.name} failed (exit code {proc.returncode}): {last}"
