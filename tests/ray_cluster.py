@@ -31,10 +31,21 @@ RAY = str(Path(sys.executable).with_name("ray"))
 TAG = "loopback_node_"  # a custom resource that names each node in Ray's own state
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port never handed out before in this test session. The kernel may give
+    a port that was free a moment ago twice in a row (each probe socket is closed before
+    `ray start` binds the port); one node's six ports, or two nodes', must all differ, or
+    `ray start` exits ("trying to use a port number ... used by other components")."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @dataclass

@@ -329,3 +329,34 @@ def test_elastic_run_starts_small_grows_when_a_node_joins_and_shrinks_when_one_d
     assert resolved["world_size"] == 1 and resolved["batch_size_per_worker"] == 256
     assert resolved["global_batch_size"] == 256 and report["epochs_run"] == 8
     assert load_checkpoint(run_dir)["loop"]["epoch"] == 8
+
+
+def test_loopback_ports_are_never_handed_out_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CI flake of 2026-12-04 (`ray start b`: node_manager and object_manager both on port
+    51383): a kernel that gives the same free port to two probes in a row is not believed."""
+    import socket
+
+    from . import ray_cluster
+
+    real = socket.socket
+    given = iter([51383, 51383, 51384])
+
+    class Probe:
+        def __init__(self, *args: object) -> None:
+            self._sock = real(*args)
+
+        def __enter__(self) -> Probe:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._sock.close()
+
+        def bind(self, address: tuple[str, int]) -> None:
+            self._sock.bind(address)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", next(given))
+
+    monkeypatch.setattr(ray_cluster, "_GIVEN", set())
+    monkeypatch.setattr(ray_cluster.socket, "socket", Probe)
+    assert [ray_cluster.free_port(), ray_cluster.free_port()] == [51383, 51384]
