@@ -26,15 +26,13 @@ from typing import Any
 
 import numpy as np
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+from resnet18_dist.checkout import pythonpath_with_checkout
 
 
 def child_env() -> dict[str, str]:
     """The measuring child's environment: this checkout first on its path, as spawn would hand
-    over the parent's sys.path, so that a launch/ script of an uninstalled clone, or a Ray job's
-    working directory, measures with the package it runs."""
-    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join((_PACKAGE_ROOT, *rest))}
+    over the parent's sys.path."""
+    return {**os.environ, "PYTHONPATH": pythonpath_with_checkout()}
 
 
 KINDS = ("torch_fp32", "torch_dynamic_int8", "onnx_fp32", "onnx_int8", "tensorrt")

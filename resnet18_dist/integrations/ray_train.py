@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet18_dist import storage
+from resnet18_dist.checkout import pythonpath_with_checkout
 from resnet18_dist.config import RunConfig, TrainConfig
 from resnet18_dist.options import ConfigError
 
@@ -84,9 +85,7 @@ PRIVATE_RAY_TRAIN_ENV = {
 
 
 def _local_runtime_env() -> dict[str, Any]:
-    root = str(Path(__file__).resolve().parents[2])
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {"env_vars": {"PYTHONPATH": pythonpath}}
+    return {"env_vars": {"PYTHONPATH": pythonpath_with_checkout()}}
 
 
 def cluster_capacity() -> tuple[float, float, float]:
