@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from .ray_cluster import free_port  # one port allocator for every test (and its workers)
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "train.tar.gz"
 
@@ -210,14 +212,6 @@ def digits_export(
 
 
 EXPORT_LATENCY_ITERS = 20
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(target, world: int, *args, timeout: float = 600) -> None:

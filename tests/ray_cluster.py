@@ -101,6 +101,11 @@ class LoopbackCluster:
         self.temp_root = Path(tempfile.mkdtemp(prefix="r18c-", dir="/tmp"))
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
+        # Ray's State API calls that name no address (Ray Train V2's placement-group cleaner
+        # makes them on the nodes) go to this cluster's dashboard, not to "the" Ray found by
+        # listing GCS processes, which fails while any other Ray runs on this machine (what the
+        # launcher does for its private Ray, integrations/ray_train._own_state_api).
+        self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
 
     @property
     def address(self) -> str:

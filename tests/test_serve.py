@@ -702,3 +702,47 @@ def test_ctrl_c_stops_the_server_cleanly(server: Server) -> None:
     assert "stopped" in server.output()
     with pytest.raises(requests.ConnectionError):
         requests.get(server.url + "/healthz", timeout=5)
+
+
+# What Ray Train V2's placement-group cleaner does in its actor, in a second Ray started the
+# launcher's way: a State API call that names no Ray, asked from a task.
+SECOND_RAY = """
+import ray
+from resnet18_dist.integrations.ray_train import start_ray
+
+assert start_ray(None)
+
+@ray.remote(num_cpus=0)
+class Marker:
+    def ping(self):
+        return 1
+
+marker = Marker.options(name="second-ray-marker").remote()
+ray.get(marker.ping.remote())
+
+@ray.remote(num_cpus=0)
+def actors_seen():
+    from ray.util.state import list_actors
+    return sorted(a.class_name for a in list_actors())
+
+print(ray.get(actors_seen.remote()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_second_private_ray_beside_the_server_reaches_its_own_state_api(
+    server: Server,
+) -> None:
+    """Two Rays side by side on one machine (this server's, and a training run's in another
+    terminal): the launcher points Ray's State API at its own Ray; without that, the second
+    Ray's calls that name no Ray (Ray Train's cleaner makes them) fail with "Found multiple
+    active Ray instances", and its runs never release their workers."""
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", SECOND_RAY], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['Marker']", proc.stdout  # its own, only
+    assert requests.get(server.url + "/healthz", timeout=10).status_code == 200

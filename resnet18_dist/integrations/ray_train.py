@@ -47,9 +47,13 @@ def start_ray(address: str | None, verbose: bool = False, dashboard: bool = True
     for name, value in PRIVATE_RAY_ENV.items():
         # Read by the raylet this call starts, if it starts one; a running cluster keeps its own.
         os.environ.setdefault(name, value)
+    own_api = {}
+    if dashboard and _starts_private_ray(address):
+        own_api = {"dashboard_host": "127.0.0.1", "dashboard_port": _own_state_api()}
     ray.init(
         address=address,
         include_dashboard=dashboard,  # ignored when joining an existing cluster
+        **own_api,
         logging_level=logging.INFO if verbose else logging.WARNING,
         log_to_driver=True,
         # Workers import this package from the driver's checkout even when it is not installed
@@ -63,6 +67,33 @@ def start_ray(address: str | None, verbose: bool = False, dashboard: bool = True
         for name, value in PRIVATE_RAY_TRAIN_ENV.items():
             os.environ.setdefault(name, value)  # read by Ray Train's controller
     return private
+
+
+def _starts_private_ray(address: str | None) -> bool:
+    """Whether ``ray.init(address)`` starts a new local Ray (Ray's own rule: RAY_ADDRESS, then
+    the cluster that the last `ray start` recorded, else a new one)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(address) is None
+
+
+def _own_state_api() -> int:
+    """Pick the private Ray's dashboard port and point Ray's State API at it, for this process
+    and for every Ray process it starts (they inherit the environment).
+
+    Without this, State API calls that name no address (Ray Train V2's placement-group
+    cleaner and worker-group cleanup make them) look for "the" Ray on this machine by listing
+    GCS processes, and fail with "Found multiple active Ray instances" as soon as a second Ray
+    runs here: a second run on the same machine, or a `ray start` cluster beside it. Ray has no
+    option for this, so the port is chosen here (probed free; Ray's default, 8265 and up, is
+    shared by every Ray on the machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
 
 
 # A private Ray starts no idle worker processes in advance: they would be started with another
