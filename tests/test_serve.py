@@ -695,15 +695,6 @@ def test_serve_config_matches_ray_serves_schema(exported: Path) -> None:
 
 
 # Last: it stops the module's server.
-@pytest.mark.slow
-@pytest.mark.ray
-def test_ctrl_c_stops_the_server_cleanly(server: Server) -> None:
-    assert stop_server(server) == 0, server.output()[-3000:]
-    assert "stopped" in server.output()
-    with pytest.raises(requests.ConnectionError):
-        requests.get(server.url + "/healthz", timeout=5)
-
-
 # What Ray Train V2's placement-group cleaner does in its actor, in a second Ray started the
 # launcher's way: a State API call that names no Ray, asked from a task.
 SECOND_RAY = """
@@ -746,3 +737,12 @@ def test_a_second_private_ray_beside_the_server_reaches_its_own_state_api(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "['Marker']", proc.stdout  # its own, only
     assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ctrl_c_stops_the_server_cleanly(server: Server) -> None:
+    assert stop_server(server) == 0, server.output()[-3000:]
+    assert "stopped" in server.output()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(server.url + "/healthz", timeout=5)
