@@ -333,3 +333,24 @@ def test_an_int8_model_that_loses_accuracy_fails_the_gate(
     assert drop > 1.0 and report["checks"]["int8_ok"] is False
     assert f"INT8 loses {drop:.2f} points" in err and "--max-int8-drop 1" in err
     assert "FAILED: more than --max-int8-drop 1" in (out / "report.md").read_text()
+
+
+def test_a_sweeps_best_trial_export_fails_the_export_commands_way(
+    small_run: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The sweep's best trial goes through the export command's own ending
+    (export/publish.export_and_gate): the same one-line error and exit code, nothing in best/."""
+    from tuning.space import SweepConfig
+    from tuning.sweep import TrialRow, export_best
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr("resnet18_dist.export.pipeline.quantize_onnx_int8", broken)
+    best = TrialRow("trial-00000", "t0", {}, 0.5, 1, False, "finished", 0.5, 1.0, small_run, [0.5])
+    cfg = SweepConfig.from_dict({"sweep": {"latency_iters": 2, "throughput_seconds": 0.1}})
+    assert export_best(cfg, best, tmp_path, "disabled") == 1
+    err = capsys.readouterr().err
+    assert "error: INT8 quantization failed: RuntimeError: simulated failure" in err, err
+    assert f"nothing was written to {tmp_path / 'best'}" in err
+    assert not (tmp_path / "best").exists()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -406,59 +405,58 @@ def pick_best(rows: list[TrialRow]) -> TrialRow | None:
     return max(ok, key=lambda r: r.best_val_top1) if ok else None
 
 
-def export_best(
-    cfg: SweepConfig, best: TrialRow, sweep_dir: Path, wandb_mode: str, group: str
-) -> dict[str, Any]:
-    """The best trial's best-validation weights through the export pipeline into best/, with
-    the trial's config and sampled values beside them."""
-    from resnet18_dist.export.pipeline import ExportOptions, export_artifacts
-    from resnet18_dist.integrations.wandb import log_export
+def export_best(cfg: SweepConfig, best: TrialRow, sweep_dir: Path, wandb_mode: str) -> int:
+    """The best trial's best-validation weights through the export (made, shown, logged, gated:
+    the export command's own way) into best/, with the trial's config and sampled values beside
+    them. Returns the exit code."""
+    from resnet18_dist.atomic import atomic_write_text
+    from resnet18_dist.export.pipeline import ExportOptions
+    from resnet18_dist.export.publish import export_and_gate
 
-    out = sweep_dir / BEST_DIR
+    def trial_files(out: Path) -> None:
+        info = {
+            "trial": best.trial,
+            "trial_id": best.trial_id,
+            "run_dir": str(best.run_dir),
+            "sampled": best.sampled,
+            "best_val_top1": best.best_val_top1,
+            "epochs_run": best.epochs_run,
+            "stopped_by_asha": best.stopped,
+        }
+        trial_report = best.run_dir / REPORT_FILE
+        if trial_report.is_file():
+            t = json.loads(trial_report.read_text())
+            info["test"] = {
+                k: v for k, v in t.items() if k.startswith("test_") and k != "test_confusion"
+            }
+        atomic_write_text(out / "trial.json", json.dumps(info, indent=1))
+        if (best.run_dir / CONFIG_FILE).is_file():
+            atomic_write_text(out / "trial_config.yaml", (best.run_dir / CONFIG_FILE).read_text())
+
+    group = cfg.run.wandb_group or sweep_dir.name
     opts = ExportOptions(
         checkpoint=str(best.run_dir),
-        out=str(out),
+        out=str(sweep_dir / BEST_DIR),
         max_int8_drop=cfg.sweep.max_int8_drop,
         latency_iters=cfg.sweep.latency_iters,
         throughput_seconds=cfg.sweep.throughput_seconds,
-        wandb_mode="disabled",
+        wandb_mode=wandb_mode,
+        wandb_project=cfg.run.wandb_project,
+        wandb_group=group,
         quiet=True,
     )
-    report = export_artifacts(opts)
-    trial_report = best.run_dir / REPORT_FILE
-    info = {
-        "trial": best.trial,
-        "trial_id": best.trial_id,
-        "run_dir": str(best.run_dir),
-        "sampled": best.sampled,
-        "best_val_top1": best.best_val_top1,
-        "epochs_run": best.epochs_run,
-        "stopped_by_asha": best.stopped,
-    }
-    if trial_report.is_file():
-        t = json.loads(trial_report.read_text())
-        info["test"] = {
-            k: v for k, v in t.items() if k.startswith("test_") and k != "test_confusion"
-        }
-    (out / "trial.json").write_text(json.dumps(info, indent=1))
-    if (best.run_dir / CONFIG_FILE).is_file():
-        shutil.copy(best.run_dir / CONFIG_FILE, out / "trial_config.yaml")
-    log_export(
-        report,
-        out,
-        mode=wandb_mode,
-        project=cfg.run.wandb_project,
-        name=f"export-{group}",
-        group=group,
+    return export_and_gate(
+        opts,
+        wandb_name=f"export-{group}",
+        show_report=not cfg.run.quiet,
         verbose=cfg.run.verbose,
+        beside=trial_files,
     )
-    return report
 
 
 def finish_sweep(
     cfg: SweepConfig, grid: Any, sweep_dir: Path, wandb_mode: str, started: float
 ) -> int:
-    from resnet18_dist.export.report import render_markdown
 
     rows = collect_trials(grid, sweep_dir, cfg.epochs)
     best = pick_best(rows)
@@ -482,27 +480,8 @@ def finish_sweep(
         + ("" if best.test_top1 is None else f", test top-1 {best.test_top1:.4f}"),
         flush=True,
     )
-    from resnet18_dist.atomic import WriteError
-    from resnet18_dist.checkpoint_file import CheckpointError
-    from resnet18_dist.data.manifest import DatasetError
-    from resnet18_dist.export.pipeline import ExportError
-
-    group = cfg.run.wandb_group or sweep_dir.name
     try:
-        report = export_best(cfg, best, sweep_dir, wandb_mode, group)
-    # ConfigError: best/ exists and is not an earlier export (output_dir.check_output_dir).
-    except (CheckpointError, ConfigError, DatasetError, ExportError, WriteError) as exc:
+        return export_best(cfg, best, sweep_dir, wandb_mode)
+    except ConfigError as exc:  # best/ exists and is not an earlier export (check_output_dir)
         print(f"error: exporting the best trial failed: {exc}", file=sys.stderr)
         return 1
-    if not cfg.run.quiet:
-        print(render_markdown(report))
-    print(f"best trial exported to {sweep_dir / BEST_DIR}", flush=True)
-    checks = report["checks"]
-    if not checks["int8_ok"]:
-        print(
-            f"error: INT8 loses {checks['int8_top1_drop']:.2f} points of test top-1 against "
-            f"FP32, more than --max-int8-drop {checks['max_int8_drop']:g}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
