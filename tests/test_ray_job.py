@@ -48,3 +48,16 @@ def test_ray_workers_import_this_checkout_ahead_of_any_other(
     assert path.split(os.pathsep) == [str(REPO), "/opt/elsewhere"]
     monkeypatch.delenv("PYTHONPATH")
     assert _local_runtime_env() == {"env_vars": {"PYTHONPATH": str(REPO)}}
+
+
+def test_a_private_ray_is_told_apart_from_joining_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a Ray that ray.init would start gets its own State API address: not a cluster named
+    by --address or RAY_ADDRESS, nor a Ray Client address (which Ray's parser refuses)."""
+    from resnet18_dist.integrations.ray_train import _starts_private_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert _starts_private_ray(None)
+    assert not _starts_private_ray("ray://head.example:10001")
+    assert not _starts_private_ray("127.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
+    assert not _starts_private_ray(None)

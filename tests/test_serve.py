@@ -694,7 +694,6 @@ def test_serve_config_matches_ray_serves_schema(exported: Path) -> None:
         ServeDeploySchema.model_validate({**raw, "applications": [{"name": "resnet18"}]})
 
 
-# Last: it stops the module's server.
 # What Ray Train V2's placement-group cleaner does in its actor, in a second Ray started the
 # launcher's way: a State API call that names no Ray, asked from a task.
 SECOND_RAY = """
@@ -739,6 +738,7 @@ def test_a_second_private_ray_beside_the_server_reaches_its_own_state_api(
     assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
 
 
+# Last: it stops the module's server.
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ctrl_c_stops_the_server_cleanly(server: Server) -> None:

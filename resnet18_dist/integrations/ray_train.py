@@ -71,10 +71,18 @@ def start_ray(address: str | None, verbose: bool = False, dashboard: bool = True
 
 def _starts_private_ray(address: str | None) -> bool:
     """Whether ``ray.init(address)`` starts a new local Ray (Ray's own rule: RAY_ADDRESS, then
-    the cluster that the last `ray start` recorded, else a new one)."""
+    the cluster that the last `ray start` recorded, else a new one). A Ray Client address
+    (``ray://host:10001``) joins a cluster; Ray's address parser does not take it, so it is
+    answered here and anything else it cannot parse is left to ``ray.init`` to refuse."""
     from ray._private.services import canonicalize_bootstrap_address
 
-    return canonicalize_bootstrap_address(address) is None
+    given = address or os.environ.get("RAY_ADDRESS") or ""
+    if "://" in given:
+        return False
+    try:
+        return canonicalize_bootstrap_address(address) is None
+    except ValueError:
+        return False
 
 
 def _own_state_api() -> int:
@@ -83,10 +91,12 @@ def _own_state_api() -> int:
 
     Without this, State API calls that name no address (Ray Train V2's placement-group
     cleaner and worker-group cleanup make them) look for "the" Ray on this machine by listing
-    GCS processes, and fail with "Found multiple active Ray instances" as soon as a second Ray
-    runs here: a second run on the same machine, or a `ray start` cluster beside it. Ray has no
-    option for this, so the port is chosen here (probed free; Ray's default, 8265 and up, is
-    shared by every Ray on the machine)."""
+    GCS processes, and fail with "Found multiple active Ray instances" as soon as a second
+    private Ray runs here (a second run on the same machine); beside a `ray start` cluster they
+    would ask that cluster instead, miss this run's controller there and remove a live run's
+    placement group. Ray has no option for this, so the port is chosen here (probed free; Ray's
+    default, 8265 and up, is shared by every Ray on the machine), which also moves a private
+    Ray's dashboard off 8265."""
     import socket
 
     with socket.socket() as s:
