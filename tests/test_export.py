@@ -258,7 +258,7 @@ def test_checkpoint_of_another_architecture_is_refused(small_run: Path, tmp_path
     ("target", "step"),
     [
         ("resnet18_dist.export.pipeline.quantize_onnx_int8", "INT8 quantization"),
-        ("resnet18_dist.export.pipeline.measure", "measuring PyTorch FP32"),
+        ("resnet18_dist.export.pipeline.measure_row", "measuring PyTorch FP32"),
         ("resnet18_dist.export.pipeline.build_engine", "TensorRT engine build"),
     ],
 )

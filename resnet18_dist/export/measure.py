@@ -4,6 +4,9 @@ A fresh process per artifact (``python -m resnet18_dist.export.measure``), so th
 is that artifact's alone and one runtime's thread pools or caches never help another. ONNX
 Runtime rows never import torch. Every row runs with the same number of intra-op threads.
 
+Each process is started before its artifact exists and loads its runtime while the parent
+exports (``MeasuringProcess``); the rows are measured one after another.
+
 Why a plain ``python -m`` and not multiprocessing's spawn: a spawned child first re-imports the
 parent's ``__main__`` (launch/export.py, hence torch and the whole CLI), which cost every row
 about 4 s on 2 cores and put torch's memory into the ONNX Runtime rows' peak RSS.
@@ -11,15 +14,17 @@ about 4 s on 2 cores and put torch's memory into the ONNX Runtime rows' peak RSS
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import select
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,19 +109,7 @@ def _runner(
 def _child(
     kind: str, path: str, model_pt: str, perf: str, data: str, opts: MeasureOptions
 ) -> dict[str, Any]:
-    # The runtime first (and the modules this row's loading imports), so that "model MB" (peak
-    # minus this baseline) is the model's alone.
-    if kind.startswith("onnx"):
-        import onnxruntime  # noqa: F401
-    elif kind == "tensorrt":
-        import resnet18_dist.export.tensorrt
-    else:
-        import torch  # noqa: F401
-
-        import resnet18_dist.models.model_file
-
-        if kind == "torch_dynamic_int8":
-            import resnet18_dist.export.quantize  # noqa: F401
+    # Called after _import_runtime(kind): the baseline is the size with the runtime loaded.
     baseline = _rss_mb()
     run = _runner(kind, Path(path), Path(model_pt), opts.threads)
     images = np.load(perf)
@@ -155,16 +148,153 @@ def _child(
     }
 
 
+def _import_runtime(kind: str) -> None:
+    """The runtime first (and the modules this row's loading imports), so that "model MB" (peak
+    minus the size after this) is the model's alone."""
+    if kind.startswith("onnx"):
+        import onnxruntime  # noqa: F401
+    elif kind == "tensorrt":
+        import resnet18_dist.export.tensorrt
+    else:
+        import torch  # noqa: F401
+
+        import resnet18_dist.models.model_file
+
+        if kind == "torch_dynamic_int8":
+            import resnet18_dist.export.quantize  # noqa: F401
+
+
+READY = "ready"
+
+
 def main(argv: list[str]) -> int:
-    """The child: ``python -m resnet18_dist.export.measure REQUEST.json``; writes the figures
-    to ``REQUEST.json``'s ``out`` (.json) and the logits next to it (.npy)."""
-    request = json.loads(Path(argv[0]).read_text())
+    """The child: ``python -m resnet18_dist.export.measure KIND``. It loads its runtime, prints
+    ``ready``, then waits for one request (a JSON line on stdin), measures, and writes the
+    figures to the request's ``out`` (.json) and the logits next to it (.npy)."""
+    kind = argv[0]
+    _import_runtime(kind)
+    print(READY, flush=True)
+    # Anything printed from here on (a runtime's native log) goes to stderr: nobody reads this
+    # stdout any more, and a full pipe would block the child.
+    os.dup2(2, 1)
+    line = sys.stdin.readline()
+    if not line:  # the parent went away (or gave up on this row) before asking
+        return 3
+    request = json.loads(line)
     out = Path(request.pop("out"))
     opts = MeasureOptions(**request.pop("opts"))
-    result = _child(**request, opts=opts)
+    result = _child(kind=kind, **request, opts=opts)
     np.save(out.with_suffix(".npy"), result.pop("logits"))
     out.write_text(json.dumps(result))
     return 0
+
+
+class MeasuringProcess:
+    """One artifact's measuring process, started before the artifact exists.
+
+    Why started early: starting the interpreter and importing its runtime is most of a row's
+    time on a small model (about 2 s each on 2 cores), and the parent's own work (preparing the
+    test split, the ONNX export, quantization) leaves the other core idle meanwhile. The rows are
+    still measured one at a time, once every process has loaded (``wait_ready``), so no
+    measurement shares the CPU with another process's start-up; a waiting process is blocked on
+    its stdin and costs nothing but its memory.
+    """
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir))
+        self._stderr = (self.dir / "stderr.txt").open("w+", errors="replace")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "resnet18_dist.export.measure", kind],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            errors="replace",  # a runtime's log in another encoding is not our failure
+            cwd=self.dir,  # `-m` puts the working directory first: never another checkout there
+            env=child_env(),
+        )
+        self._ready = False
+
+    def _failure(self, name: str) -> RuntimeError:
+        rc = self.proc.wait()
+        if rc < 0:  # killed: the OOM killer's SIGKILL, most likely
+            return RuntimeError(
+                f"measuring {name}: its process was killed by {signal.Signals(-rc).name}"
+            )
+        self._stderr.seek(0)
+        # The child's own last words: its exception (the traceback's last line).
+        last = (self._stderr.read().strip().splitlines() or ["no output"])[-1]
+        return RuntimeError(f"measuring {name} failed (exit code {rc}): {last}")
+
+    def wait_ready(self, name: str, timeout_s: float = 600) -> None:
+        if self._ready:
+            return
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        if not ready:
+            self.close()
+            raise RuntimeError(f"measuring {name}: its runtime did not load in {timeout_s:.0f}s")
+        if self.proc.stdout.readline().strip() != READY:  # it exited while loading
+            raise self._failure(name)
+        self._ready = True
+
+    def measure(
+        self,
+        path: Path,
+        model_pt: Path,
+        perf_images: Path,
+        test_images: Path,
+        opts: MeasureOptions,
+        timeout_s: float = 3600,
+    ) -> dict[str, Any]:
+        self.wait_ready(path.name, timeout_s)
+        out = self.dir / "result.json"
+        request = {
+            "path": str(path),
+            "model_pt": str(model_pt),
+            "perf": str(perf_images),
+            "data": str(test_images),
+            "opts": asdict(opts),
+            "out": str(out),
+        }
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            raise self._failure(path.name) from None
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise RuntimeError(
+                f"measuring {path.name} did not finish in {timeout_s:.0f}s"
+            ) from None
+        if rc != 0 or not out.is_file():
+            raise self._failure(path.name)
+        result = json.loads(out.read_text())
+        result["logits"] = np.load(out.with_suffix(".npy"))
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._stderr.close()
+
+
+@contextlib.contextmanager
+def measuring_processes(kinds: list[str], workdir: Path) -> Iterator[dict[str, MeasuringProcess]]:
+    """A started measuring process per kind; any left when the block ends is stopped."""
+    procs: dict[str, MeasuringProcess] = {}
+    try:
+        for kind in kinds:
+            procs[kind] = MeasuringProcess(kind, workdir)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.close()
 
 
 def measure(
@@ -176,48 +306,12 @@ def measure(
     opts: MeasureOptions,
     timeout_s: float = 3600,
 ) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="r18d-measure-") as tmp:
-        out = Path(tmp) / "result.json"
-        request = Path(tmp) / "request.json"
-        request.write_text(
-            json.dumps(
-                {
-                    "kind": kind,
-                    "path": str(path),
-                    "model_pt": str(model_pt),
-                    "perf": str(perf_images),
-                    "data": str(test_images),
-                    "opts": asdict(opts),
-                    "out": str(out),
-                }
-            )
-        )
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "resnet18_dist.export.measure", str(request)],
-                capture_output=True,
-                text=True,
-                errors="replace",  # a runtime's log in another encoding is not our failure
-                timeout=timeout_s,
-                cwd=tmp,  # `-m` puts the working directory first: never another checkout there
-                env=child_env(),
-            )
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(
-                f"measuring {path.name} did not finish in {timeout_s:.0f}s"
-            ) from None
-        if proc.returncode < 0:  # killed: the OOM killer's SIGKILL, most likely
-            name = signal.Signals(-proc.returncode).name
-            raise RuntimeError(f"measuring {path.name}: its process was killed by {name}")
-        if proc.returncode != 0 or not out.is_file():
-            # The child's own last words: its exception (the traceback's last line).
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(
-                f"measuring {path.name} failed (exit code {proc.returncode}): {last}"
-            )
-        result = json.loads(out.read_text())
-        result["logits"] = np.load(out.with_suffix(".npy"))
-    return result
+    """Measure one artifact in a process of its own, started now."""
+    with (
+        tempfile.TemporaryDirectory(prefix="r18d-measure-") as tmp,
+        measuring_processes([kind], Path(tmp)) as procs,
+    ):
+        return procs[kind].measure(path, model_pt, perf_images, test_images, opts, timeout_s)
 
 
 if __name__ == "__main__":
