@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from resnet18_dist.serve.options import ServeOptions
 from tuning.space import SweepOptions
 
 from .conftest import MAIN_JOB, REPO, free_port, subset_folder, user_env
+from .test_serve import assert_same, digit_files, predict_cli
 
 TABLES = {
     "train": TrainConfig,
@@ -598,9 +599,13 @@ def check_answer(client: Command, answer: str, token: str | None) -> None:
     assert [p.keys() for p in got["predictions"]] == [p.keys() for p in sample["predictions"]]
 
 
-def run_readme(readme: str, shell: UserShell) -> None:
+ServerCheck = Callable[[str, list[str], "str | None"], None]  # (url, typed words, token)
+
+
+def run_readme(readme: str, shell: UserShell, while_serving: ServerCheck | None = None) -> None:
     """Run every command of ``readme`` that SKIPPED does not list, in the README's order; the
-    curls run against each server the README starts. Raises at the first failure."""
+    curls run against each server the README starts, then ``while_serving`` if given. Raises
+    at the first failure."""
     commands = [c for c in shell_commands(readme) if not skipped(c)]
     clients = [c for c in commands if c.text.startswith("curl ")]
     done = set(shell.outputs)  # a SHARED command, already run in this working directory
@@ -618,6 +623,8 @@ def run_readme(readme: str, shell: UserShell) -> None:
                 token = (shell.cwd / words[words.index("--api-key-file") + 1]).read_text().strip()
             for client in clients:
                 check_answer(client, shell.run(client), token)
+            if while_serving is not None:
+                while_serving(f"http://127.0.0.1:{shell.port}", words, token)
             url = f"http://127.0.0.1:{shell.port}"
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             info = requests.get(f"{url}/v1/model", headers=headers, timeout=30)
@@ -761,8 +768,30 @@ def test_readme_commands_run_as_a_user_runs_them(
     make_user_files(cwd, digits_folder)
     shell = UserShell(cwd, subset_folder(digits_folder, tmp_path / "flowers", per_class=20))
     shell.outputs[MAIN_JOB] = digits_run[1]
+    served_int8 = []
+
+    def int8_matches_predict(url: str, words: list[str], token: str | None) -> None:
+        """The README's INT8 server, checked as tests/test_serve.py checks its fp32 server: its
+        answers for a real digit of each class are predict --int8's on the same export."""
+        if "--int8" not in words:
+            return
+        export = cwd / words[words.index("--model") + 1]
+        files = digit_files(digits_folder, per_class=1)
+        cli = predict_cli(export, files, "--int8")
+        for f in files:
+            r = requests.post(
+                url + "/v1/classify?top_k=3",
+                data=f.read_bytes(),
+                headers={"Content-Type": "image/jpeg", "Authorization": f"Bearer {token}"},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["artifact"] == "int8", r.json()
+            assert_same(r.json()["predictions"], cli[str(f)])
+        served_int8.append(export)
+
     try:
-        run_readme(readme, shell)
+        run_readme(readme, shell, while_serving=int8_matches_predict)
     finally:
         for typed, wall, cpu in shell.timings:
             print(f"{wall:6.1f} s wall {cpu:6.1f} s CPU  {typed}")
@@ -791,3 +820,4 @@ def test_readme_commands_run_as_a_user_runs_them(
     for name in ("model.pt", "model.onnx", "model.int8.onnx", "report.json", "report.md"):
         assert (cwd / "exports" / run.name / name).is_file(), name
     assert (cwd / "compare.png").is_file()
+    assert served_int8 == [cwd / "exports" / run.name]  # the INT8 server was checked

@@ -208,25 +208,9 @@ def test_batch_endpoint_matches_predict_and_batches(
     assert [x["onnx_batch"] for x in results] == [MAX_BATCH] * len(files)
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_int8_artifact_is_served(exported: Path, digits_folder: Path, tmp_path: Path) -> None:
-    files = digit_files(digits_folder, per_class=1)
-    cli = predict_cli(exported, files, "--int8")
-    s = start_server(exported, tmp_path, "--int8", "--max-batch-size", "1")
-    try:
-        for f in files:
-            r = requests.post(
-                s.url + "/v1/classify?top_k=3",
-                data=f.read_bytes(),
-                headers={"Content-Type": "image/jpeg"},  # no --api-key-file: no token needed
-                timeout=30,
-            )
-            assert r.status_code == 200, r.text
-            assert r.json()["artifact"] == "int8" and r.json()["onnx_batch"] == 1
-            assert_same(r.json()["predictions"], cli[str(f)])
-    finally:
-        assert stop_server(s) == 0, s.output()[-3000:]
+# The INT8 artifact served (`--int8`): tests/test_readme.py checks the README's own INT8 server
+# (`launch/serve.py --model exports/<name> --int8 ...`) against predict --int8 the same way, on
+# the same export, instead of starting a third server here.
 
 
 # ------------------------------------------------------------------------------ 2. bad requests
