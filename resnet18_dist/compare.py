@@ -1,7 +1,7 @@
 """Compare run directories without W&B: a side-by-side table and a plot of the learning curves.
 
 A run directory is anything holding ``metrics.jsonl`` (and usually ``config.yaml`` and
-``report.json``): a local run, a Ray Train run or, later, each trial of a sweep.
+``report.json``): a local run, a Ray Train run (on a bucket too) or each trial of a sweep.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import yaml
 
 from resnet18_dist.atomic import atomic_write
 from resnet18_dist.run_files import CONFIG_FILE, METRICS_FILE, REPORT_FILE
+from resnet18_dist.run_location import RunLocation
 
 
 class CompareError(ValueError):
@@ -25,7 +26,7 @@ class CompareError(ValueError):
 @dataclass
 class RunRecord:
     name: str
-    path: Path
+    path: Path | str  # a URI for a run on object storage
     config: dict[str, Any]  # flattened: "optim.lr" -> 0.1
     epochs: list[dict[str, Any]]
     report: dict[str, Any] | None
@@ -43,24 +44,28 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_run(path: str | Path) -> RunRecord:
-    p = Path(path)
-    metrics = p / METRICS_FILE
-    if not metrics.is_file():
-        raise CompareError(f"{p}: not a run directory (no metrics.jsonl)")
+    """A run's metrics, config and report, read through its ``RunLocation``: a local run
+    directory or one on object storage (``s3://...``) alike."""
+    loc = RunLocation.at(path)
+    try:
+        entries = loc.entries()
+        if METRICS_FILE not in entries:
+            raise CompareError(f"{loc.path}: not a run directory (no {METRICS_FILE})")
+        metrics = loc.read_text(METRICS_FILE)
+        config_text = loc.read_text(CONFIG_FILE) if CONFIG_FILE in entries else ""
+        report_text = loc.read_text(REPORT_FILE) if REPORT_FILE in entries else None
+    except OSError as exc:  # unreadable, or a bucket that cannot be reached
+        raise CompareError(f"{loc.path}: {exc}") from exc
     epochs = []
-    for i, line in enumerate(metrics.read_text().splitlines(), 1):
+    for i, line in enumerate(metrics.splitlines(), 1):
         if line.strip():
             try:
                 epochs.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise CompareError(f"{metrics}:{i}: not JSON ({exc})") from exc
-    config = {}
-    if (p / CONFIG_FILE).is_file():
-        config = _flatten(yaml.safe_load((p / CONFIG_FILE).read_text()) or {})
-    report = None
-    if (p / REPORT_FILE).is_file():
-        report = json.loads((p / REPORT_FILE).read_text())
-    return RunRecord(p.name, p, config, epochs, report)
+                raise CompareError(f"{loc.join(METRICS_FILE)}:{i}: not JSON ({exc})") from exc
+    config = _flatten(yaml.safe_load(config_text) or {})
+    report = json.loads(report_text) if report_text is not None else None
+    return RunRecord(loc.name, loc.path, config, epochs, report)
 
 
 def runs_in_sweep(directory: str | Path) -> list[Path]:

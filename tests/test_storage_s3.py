@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -438,3 +439,26 @@ def test_the_run_rule_on_a_bucket_with_pyarrow_uri_options(
     assert not [k for k in keys if k.startswith("uri/q/")], keys
     moved = [k for k in keys if k.startswith("uri/q.prev-") and k.endswith("/checkpoint.pt")]
     assert len(moved) == 2, keys
+
+    # Two --fresh in the same second keep both old runs (a suffix, as on a local disk: the
+    # bucket's copy-aside once had no suffix and would have mixed them), and `compare` reads a
+    # run on the bucket as it reads a local one.
+    from resnet18_dist.compare import load_run
+
+    # (the module's clock only: botocore signs requests with time.strftime)
+    monkeypatch.setattr(
+        "resnet18_dist.run_location.time", SimpleNamespace(strftime=lambda fmt: "20260101-000000")
+    )
+    aside = []
+    for lr in (0.1, 0.2):
+        client.put_object(Bucket=BUCKET, Key="uri/r/metrics.jsonl", Body=b'{"epoch": 0}\n')
+        client.put_object(Bucket=BUCKET, Key="uri/r/config.yaml", Body=f"optim: {{lr: {lr}}}\n")
+        plan = plan_run(RunConfig(output_dir=runs, name="r", fresh=True), epochs=4)
+        aside.append(str(plan.moved_aside))
+    assert [a.split("?")[0].rsplit("/", 1)[1] for a in aside] == [
+        "r.prev-20260101-000000",
+        "r.prev-20260101-000000-2",
+    ]
+    records = [load_run(a) for a in aside]
+    assert [r.config["optim.lr"] for r in records] == [0.1, 0.2]
+    assert records[0].name == "r.prev-20260101-000000" and records[0].epochs == [{"epoch": 0}]

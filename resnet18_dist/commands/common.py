@@ -4,12 +4,12 @@ and the run-name rule applied and announced."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from resnet18_dist import storage
 from resnet18_dist.config import RESUME_THIS_RUN, TrainConfig
 from resnet18_dist.engine.rundir import RunPlan, default_run_name, plan_run
 from resnet18_dist.options import ConfigError
+from resnet18_dist.run_location import RunLocation, unique_name
 
 
 def check_data(cfg: TrainConfig, gpu_workers_possible: bool, world_size: int | None = None) -> None:
@@ -67,11 +67,8 @@ def plan_or_exit(
 def _plan(parser: argparse.ArgumentParser, cfg: TrainConfig, dry_run: bool) -> RunPlan:
     if not cfg.run.name:
         # A timestamp; a second run started in the same second gets a suffix, not a resume.
-        base, n = default_run_name(), 1
-        cfg.run.name = base
-        while _run_exists(cfg.run.output_dir, cfg.run.name):
-            n += 1
-            cfg.run.name = f"{base}-{n}"
+        base = default_run_name()
+        cfg.run.name = unique_name(RunLocation.of(cfg.run.output_dir, base), base)
     try:
         plan = plan_run(cfg.run, cfg.optim.epochs, dry_run=dry_run)
     except ConfigError as exc:
@@ -83,12 +80,6 @@ def _plan(parser: argparse.ArgumentParser, cfg: TrainConfig, dry_run: bool) -> R
         # validate the options again) and config.yaml get the checkpoint the plan resolved.
         cfg.run.resume = None if plan.resume_from is None else str(plan.resume_from)
     return plan
-
-
-def _run_exists(output_dir: str, name: str) -> bool:
-    if storage.is_remote(output_dir):
-        return bool(storage.list_files(storage.join(output_dir, name)))
-    return (Path(output_dir) / name).exists()
 
 
 def refuse_remote_output(output_dir: str, launcher: str) -> None:

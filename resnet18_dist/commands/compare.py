@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist compare") -> 
     )
 
     try:
-        paths = runs_in_sweep(opts.sweep) if opts.sweep else [Path(p) for p in opts.runs]
+        paths = runs_in_sweep(opts.sweep) if opts.sweep else list(opts.runs)
         runs = [load_run(p) for p in paths]
     except CompareError as exc:
         parser.error(str(exc))

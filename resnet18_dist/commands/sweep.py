@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     from resnet18_dist.integrations import wandb as wandb_adapter
     from resnet18_dist.integrations.ray_train import check_resources, require_train_v2, start_ray
     from resnet18_dist.logs import setup_logging
+    from resnet18_dist.run_location import RunLocation, unique_name
     from tuning.sweep import (
         SWEEP_CONFIG,
         build_tuner,
@@ -50,11 +51,10 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     except ConfigError as exc:
         parser.error(str(exc))
     if not cfg.run.name:  # a timestamp; a second sweep in the same second gets a suffix
-        name, n = default_sweep_name(), 1
-        while (Path(cfg.run.output_dir) / (name if n == 1 else f"{name}-{n}")).exists():
-            n += 1
-        cfg.run.name = name if n == 1 else f"{name}-{n}"
-    sweep_dir = Path(cfg.run.output_dir).resolve() / cfg.run.name
+        base = default_sweep_name()
+        cfg.run.name = unique_name(RunLocation.of(cfg.run.output_dir, base), base)
+    sweep = RunLocation.of(cfg.run.output_dir, cfg.run.name)
+    sweep_dir = Path(sweep.path)
     # Everything that can be checked before Ray starts is checked here (exit code 2).
     try:
         require_train_v2()
@@ -79,14 +79,8 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     except ConfigError as exc:
         parser.error(str(exc))
     # Only once the cluster can run it: --fresh moves the old sweep aside.
-    if cfg.run.fresh and sweep_dir.exists():
-        moved = sweep_dir.with_name(f"{sweep_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while moved.exists():
-            n += 1
-            moved = moved.with_name(f"{sweep_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-        sweep_dir.rename(moved)
-        print(f"--fresh: the previous sweep is kept in {moved}", flush=True)
+    if cfg.run.fresh and sweep.exists():
+        print(f"--fresh: the previous sweep is kept in {sweep.move_aside().path}", flush=True)
     print(plan.describe(), flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not (sweep_dir / SWEEP_CONFIG).is_file():

@@ -15,19 +15,12 @@ Launchers call ``plan_run`` before any worker starts, and print its ``describe()
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from resnet18_dist import storage
-from resnet18_dist.checkpoint_file import (
-    checkpoint_epoch,
-    latest_checkpoint_in,
-    latest_remote_checkpoint,
-)
+from resnet18_dist.checkpoint_file import checkpoint_epoch
 from resnet18_dist.config import RESUME_THIS_RUN, RunConfig
 from resnet18_dist.options import ConfigError
 from resnet18_dist.run_files import (  # noqa: F401  (the run files' names, also read from here)
@@ -37,6 +30,7 @@ from resnet18_dist.run_files import (  # noqa: F401  (the run files' names, also
     REPORT_FILE,
     RUN_INFO_FILE,
 )
+from resnet18_dist.run_location import LocalRun, RunLocation
 
 
 @dataclass(frozen=True)
@@ -76,124 +70,47 @@ def default_run_name() -> str:
     return time.strftime("train-%Y%m%d-%H%M%S")
 
 
-def finished_epochs(run_dir: Path) -> int | None:
+def finished_epochs(run_dir: Path | str) -> int | None:
     """Epochs a finished run trained (from its report), or None if it has not finished."""
-    report = run_dir / REPORT_FILE
-    if not report.is_file():
-        return None
-    try:
-        return int(json.loads(report.read_text())["epochs_run"])
-    except (ValueError, KeyError, TypeError):
-        return 0
-
-
-def _holds_a_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(run_dir.iterdir())
-
-
-def _inside(path: Path | str, run_dir: Path) -> Path | None:
-    """``path`` relative to ``run_dir`` (``.`` for the directory itself) when it lies there."""
-    if storage.is_remote(path):
-        return None
-    try:
-        return Path(path).resolve().relative_to(run_dir.resolve())
-    except (ValueError, OSError):
-        return None
-
-
-def _inside_remote(uri: str, run_uri: str) -> str | None:
-    """``uri`` relative to ``run_uri`` ('' for the run itself) when it lies there; a query
-    string (pyarrow's ``?endpoint_override=...``) does not take part."""
-    u, r = urlsplit(uri), urlsplit(run_uri)
-    if (u.scheme, u.netloc) != (r.scheme, r.netloc):
-        return None
-    path, base = u.path.rstrip("/"), r.path.rstrip("/")
-    if path == base:
-        return ""
-    return path[len(base) + 1 :] if path.startswith(base + "/") else None
+    return RunLocation.at(run_dir).finished_epochs()
 
 
 def plan_run(run: RunConfig, epochs: int, dry_run: bool = False) -> RunPlan:
-    """Apply the rule to ``run.output_dir/run.name`` (the name must be set). Moves the old
-    directory aside for ``--fresh`` (unless ``dry_run``: a launcher checks the rule before Ray
-    starts and applies it once the cluster has accepted the run); raises ConfigError (exit
-    code 2) to refuse."""
+    """Apply the rule to ``run.output_dir/run.name`` (the name must be set), local or on a
+    bucket alike. Moves the old directory aside for ``--fresh`` (unless ``dry_run``: a launcher
+    checks the rule before Ray starts and applies it once the cluster has accepted the run);
+    raises ConfigError (exit code 2) to refuse."""
     if storage.is_remote(run.output_dir):
-        return _plan_remote_run(run, epochs, dry_run)
-    run_dir = Path(run.output_dir).resolve() / run.name
+        storage.require_bucket(run.output_dir)
+    loc = RunLocation.of(run.output_dir, run.name)
     resume = run.resume
     other: Path | str | None = None
     if resume not in (None, RESUME_THIS_RUN):
         other = resume if storage.is_remote(resume) else Path(resume)  # type: ignore[arg-type]
         check_remote_resume(other)
-    inner = None if other is None else _inside(other, run_dir)
-    fresh = run.fresh and _holds_a_run(run_dir)
-    if inner == Path(".") and not fresh:
+    inner = None if other is None else loc.relative(other)
+    fresh = run.fresh and loc.holds_a_run()
+    if inner == "" and not fresh:
         resume, other = RESUME_THIS_RUN, None
     moved = None
     if fresh:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        moved = run_dir.with_name(f"{run_dir.name}.prev-{stamp}")
-        n = 1
-        while moved.exists():
-            n += 1
-            moved = run_dir.with_name(f"{run_dir.name}.prev-{stamp}-{n}")
+        aside = loc.aside()
         if inner is not None:
             # `--fresh --resume NAME/checkpoint_...`: the checkpoint moves with its run; it is
-            # read from there (found now, while it is still where the user named it).
-            other = _moved_checkpoint(Path(str(other)), run_dir, moved)
+            # read from there.
+            other = _moved_checkpoint(loc, aside, other, inner)  # type: ignore[arg-type]
         if dry_run:
-            return RunPlan(run_dir, "new", resume_from=other, epochs=epochs, moved_aside=moved)
-        run_dir.rename(moved)
-
-    if not _holds_a_run(run_dir):
-        if resume == RESUME_THIS_RUN:
-            raise ConfigError("--resume", f"{run_dir} holds no run to resume")
-        return RunPlan(run_dir, "new", resume_from=other, epochs=epochs, moved_aside=moved)
-
-    done = finished_epochs(run_dir)
-    return _decide(run_dir, resume, other, done, latest_checkpoint_in(run_dir), epochs, moved)
-
-
-def _plan_remote_run(run: RunConfig, epochs: int, dry_run: bool) -> RunPlan:
-    """The same rule for a run directory on object storage: its files are listed, its report
-    read, its newest checkpoint found there; ``--fresh`` copies the old run aside and deletes
-    it (an object store has no rename)."""
-    storage.require_bucket(run.output_dir)
-    run_uri = storage.join(run.output_dir, run.name)
-    resume = run.resume
-    other = None if resume in (None, RESUME_THIS_RUN) else resume
-    check_remote_resume(other)
-    inner = None if other is None else _inside_remote(other, run_uri)
-    files = storage.list_files(run_uri)
-    if inner == "" and not (run.fresh and files):
-        resume, other = RESUME_THIS_RUN, None
-    moved = None
-    if run.fresh and files:
-        parent, name = storage.split(run_uri)
-        moved_uri = storage.join(parent, f"{name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-        if inner is not None:  # the checkpoint is copied aside with its run, then deleted here
-            other = storage.join(moved_uri, inner) if inner else moved_uri
-        if dry_run:
-            return RunPlan(run_uri, "new", resume_from=other, epochs=epochs, moved_aside=moved_uri)
-        storage.copy_tree(run_uri, moved_uri)
-        storage.delete_tree(run_uri)
-        moved, files = moved_uri, []
-    if not files:
-        if resume == RESUME_THIS_RUN:
-            raise ConfigError("--resume", f"{run_uri} holds no run to resume")
-        return RunPlan(run_uri, "new", resume_from=other, epochs=epochs, moved_aside=moved)
-
-    done = None
-    if REPORT_FILE in files:
-        try:
-            done = int(
-                json.loads(storage.read_bytes(storage.join(run_uri, REPORT_FILE)))["epochs_run"]
+            return RunPlan(
+                loc.path, "new", resume_from=other, epochs=epochs, moved_aside=aside.path
             )
-        except (ValueError, KeyError, TypeError):
-            done = 0
-    latest = latest_remote_checkpoint(run_uri)
-    return _decide(run_uri, resume, other, done, latest, epochs, moved)
+        moved = loc.move_aside(aside).path
+
+    if not loc.holds_a_run():
+        if resume == RESUME_THIS_RUN:
+            raise ConfigError("--resume", f"{loc.path} holds no run to resume")
+        return RunPlan(loc.path, "new", resume_from=other, epochs=epochs, moved_aside=moved)
+    done = loc.finished_epochs()
+    return _decide(loc.path, resume, other, done, loc.newest_checkpoint(), epochs, moved)
 
 
 def _decide(
@@ -235,33 +152,34 @@ def _decide(
     return RunPlan(run_dir, "resume", latest, checkpoint_epoch(Path(latest).parent), epochs)
 
 
-def _moved_checkpoint(path: Path, run_dir: Path, moved: Path) -> Path:
-    """Where the checkpoint that ``--resume path`` names inside ``run_dir`` will be once
-    ``run_dir`` is renamed to ``moved``: the file itself (a run or checkpoint directory is
-    resolved to its newest checkpoint file now, so the plan prints exactly what it loads)."""
+def _moved_checkpoint(
+    loc: RunLocation, aside: RunLocation, other: Path | str, inner: str
+) -> Path | str:
+    """Where the checkpoint that ``--resume other`` names inside ``loc`` will be once ``loc`` is
+    kept as ``aside``. On a bucket the same relative key; locally the file itself (a run or
+    checkpoint directory is resolved to its newest checkpoint file now, while it is still where
+    the user named it, so the plan prints exactly what it loads)."""
+    if not isinstance(loc, LocalRun):
+        return aside.join(inner)
     from resnet18_dist.checkpoint_file import CheckpointError, resolve_checkpoint_path
 
     try:
-        found = resolve_checkpoint_path(path)
+        found = resolve_checkpoint_path(other)
     except CheckpointError as exc:
         raise ConfigError("--resume", str(exc)) from exc
-    try:
-        return moved / found.resolve().relative_to(run_dir.resolve())
-    except ValueError:  # a link inside the run to a file elsewhere: that file does not move
+    rel = loc.relative(found)
+    if rel is None:  # a link inside the run to a file elsewhere: that file does not move
         return found.resolve()
+    return aside.join(rel)
 
 
 def newest_checkpoint(run_dir: Path | str) -> Path | str | None:
     """The newest complete checkpoint of a local or remote run directory, or None."""
-    if storage.is_remote(run_dir):
-        return latest_remote_checkpoint(str(run_dir))
-    return latest_checkpoint_in(Path(run_dir)) if Path(run_dir).is_dir() else None
+    return RunLocation.at(run_dir).newest_checkpoint()
 
 
 def read_run_file(run_dir: Path | str, name: str) -> str:
-    if storage.is_remote(run_dir):
-        return storage.read_bytes(storage.join(str(run_dir), name)).decode()
-    return (Path(run_dir) / name).read_text()
+    return RunLocation.at(run_dir).read_text(name)
 
 
 def check_remote_resume(other: Path | str | None) -> None:
@@ -288,21 +206,12 @@ def prune_untracked_checkpoints(run_dir: Path | str, tracked: set[str]) -> list[
     if not tracked:
         return []
     newest = max(checkpoint_epoch(Path(name)) for name in tracked)
-    remote = storage.is_remote(run_dir)
-    if remote:
-        names = {f.split("/", 1)[0] for f in storage.list_files(str(run_dir)) if "/" in f}
-    else:
-        names = {p.name for p in Path(run_dir).iterdir() if p.is_dir()}
-    stale = sorted(
+    loc = RunLocation.at(run_dir)
+    stale = [
         n
-        for n in names
-        if n.startswith("checkpoint_")
-        and n not in tracked
-        and 0 <= checkpoint_epoch(Path(n)) < newest
-    )
+        for n in loc.checkpoint_names()
+        if n not in tracked and 0 <= checkpoint_epoch(Path(n)) < newest
+    ]
     for name in stale:
-        if remote:
-            storage.delete_tree(storage.join(str(run_dir), name))
-        else:
-            shutil.rmtree(Path(run_dir) / name)
+        loc.delete_entry(name)
     return stale

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from resnet18_dist import storage
 from resnet18_dist.checkout import pythonpath_with_checkout
 from resnet18_dist.config import RunConfig, TrainConfig
 from resnet18_dist.options import ConfigError
@@ -202,11 +201,9 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from resnet18_dist.integrations.ray_worker import train_worker
+    from resnet18_dist.run_location import RunLocation
 
-    if storage.is_remote(run_dir):
-        storage_path, name = storage.split(str(run_dir))
-    else:
-        storage_path, name = str(Path(run_dir).parent), Path(run_dir).name
+    storage_path, name = RunLocation.at(run_dir).parent_and_name()
     resources: dict[str, float] = {"CPU": cfg.run.cpus_per_worker or 1}
     if use_gpu:
         resources["GPU"] = 1
