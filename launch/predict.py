@@ -6,8 +6,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resnet18_dist.commands import exit_now
-from resnet18_dist.commands.predict import main
+from resnet18_dist.commands import exit_now, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("predict", argv, prog="launch/predict.py")
+
 
 if __name__ == "__main__":
-    exit_now(main(prog="launch/predict.py"))
+    exit_now(main())

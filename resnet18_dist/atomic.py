@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from resnet18_dist.errors import UserError
 
-class WriteError(OSError):
+
+class WriteError(OSError, UserError):
     """Writing an output failed; the message names the path and the reason."""
 
 

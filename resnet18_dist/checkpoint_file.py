@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from resnet18_dist import storage
 from resnet18_dist.atomic import atomic_write, atomic_write_text
+from resnet18_dist.errors import UserError
 
 # torch is imported where a checkpoint is read or written: finding one (the run-name rule, in a
 # launcher before anything else starts) needs only the file system.
@@ -40,7 +41,7 @@ READABLE_VERSIONS = (1, 2, 3)
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, UserError):
     """A checkpoint is missing, unreadable or for another model; the message names the file."""
 
 

@@ -24,6 +24,15 @@ from resnet18_dist.options import (
 O = TypeVar("O", bound=Options)  # noqa: E741
 
 
+_LAST_PARSER: list[argparse.ArgumentParser] = []
+
+
+def command_parser() -> argparse.ArgumentParser | None:
+    """The parser the running command built last: the console entry reports a ConfigError the
+    command raises through it (usage line, ``PROG: error: --flag: ...``, exit code 2)."""
+    return _LAST_PARSER[-1] if _LAST_PARSER else None
+
+
 def build_parser(
     cls: type[Options],
     description: str,
@@ -44,6 +53,7 @@ def build_parser(
         # `--num-worker 2` must be an error, not a run of `--num-workers 2`.
         allow_abbrev=False,
     )
+    _LAST_PARSER[:] = [parser]
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     if config_file:
         layout = "with sections " + "/".join(cls.sections()) if cls.sections() else "of options"

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from resnet18_dist.errors import UserError
+
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
 
 
-class StorageError(OSError):
+class StorageError(OSError, UserError):
     """A remote path that cannot be read or written; the message names it."""
 
 

@@ -156,3 +156,40 @@ def test_launch_holds_one_script_per_console_command_and_nothing_else() -> None:
         text = (REPO / "launch" / f"{script}.py").read_text()
         assert "from resnet18_dist.commands" in text, script  # a thin entry point, no logic
     assert {p.stem for p in (REPO / "benchmarks").glob("*.py")} >= {"gpu_check", "benchmark_loop"}
+
+
+def test_errors_are_mapped_to_exit_codes_once_for_every_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """commands.run: an option error exits 2 with the usage line and the option named; a
+    domain error prints one line and exits 1; an unexpected error prints one line (its
+    traceback only with --verbose or RESNET18_DIST_VERBOSE=1) and exits 1."""
+    from resnet18_dist.commands import run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)  # a directory that is not a run
+    with pytest.raises(SystemExit) as exit_:
+        run("compare", ["runs/a"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: resnet18-dist compare"), err
+    assert f"error: RUNS: {tmp_path / 'runs' / 'a'}: not a run directory" in err, err
+
+    (tmp_path / "runs" / "a" / "metrics.jsonl").write_text('{"epoch": 0, "val_top1": 0.5}\n')
+
+    def bug(*args, **kwargs):  # a fault injected where a bug would be
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr("resnet18_dist.compare.summary_rows", bug)
+    assert run("compare", ["runs/a"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ZeroDivisionError: simulated bug") and "Traceback" not in err
+    assert err.count("\n") == 1, err
+
+    (tmp_path / "src" / "c0").mkdir(parents=True)  # a class with no images: a SourceError
+    assert run("prepare", ["--source", "src", "--out", "data/x", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "src" in err, err
+
+    monkeypatch.setenv("RESNET18_DIST_VERBOSE", "1")
+    with pytest.raises(ZeroDivisionError):  # the bug's own traceback, for a bug report
+        run("compare", ["runs/a"])

@@ -240,7 +240,7 @@ def test_fresh_resume_into_the_moved_run_is_what_the_workers_validate(
     and the options it hands the workers (which validate them again) name the moved copy."""
     import shutil
 
-    from resnet18_dist.commands.common import plan_or_exit
+    from resnet18_dist.commands.common import plan_and_announce
     from resnet18_dist.config import TrainConfig
 
     monkeypatch.chdir(tmp_path)
@@ -248,7 +248,7 @@ def test_fresh_resume_into_the_moved_run_is_what_the_workers_validate(
     parser = build_parser(TrainConfig, "")
     args = ["--name", "r1", "--fresh", "--resume", "runs/r1/checkpoint_epoch0001"]
     cfg = parse_options(TrainConfig, parser, [*args, "--epochs", "2"])
-    plan = plan_or_exit(parser, cfg)
+    plan = plan_and_announce(cfg)
     assert Path(plan.moved_aside).name.startswith("r1.prev-")
     worker_cfg = TrainConfig.from_dict(cfg.to_dict())  # raised "--resume: ... does not exist"
     assert worker_cfg.run.resume == str(plan.resume_from)

@@ -43,8 +43,47 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"resnet18-dist: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    return run(name, rest, prog=f"resnet18-dist {name}")
+
+
+def run(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run one command; its errors are mapped to exit codes here, once for every command and
+    launcher: an option error (ConfigError) exits 2 with the usage line and the option named;
+    a domain error (errors.UserError: a checkpoint, dataset, export, write, storage ...) prints
+    one ``error:`` line and exits 1; anything else is a bug: one line too, and its traceback
+    with ``--verbose`` (or RESNET18_DIST_VERBOSE=1)."""
+    from resnet18_dist.cli import command_parser
+    from resnet18_dist.errors import UserError
+    from resnet18_dist.options import ConfigError
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    prog = prog or f"resnet18-dist {name}"
     module = importlib.import_module(f"resnet18_dist.commands.{COMMANDS[name][0]}")
-    return int(module.main(rest, prog=f"resnet18-dist {name}") or 0)
+    try:
+        return int(module.main(args, prog=prog) or 0)
+    except ConfigError as exc:
+        parser = command_parser()
+        if parser is None:  # raised before the command built its parser
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        parser.error(str(exc))  # usage + message; SystemExit(2)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `... | head`: the reader left; not an error of ours (Python's
+        # own advice: point stdout at devnull so the flush at exit does not raise again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a shell reports a command killed by SIGPIPE
+    except Exception as exc:
+        if "--verbose" in args or os.environ.get("RESNET18_DIST_VERBOSE") == "1":
+            raise
+        print(
+            f"error: {type(exc).__name__}: {exc} (an unexpected error: --verbose or "
+            "RESNET18_DIST_VERBOSE=1 shows its traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    raise AssertionError("unreachable")
 
 
 def exit_now(rc: int) -> NoReturn:

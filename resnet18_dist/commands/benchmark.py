@@ -226,29 +226,26 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist benchmark") -
     from resnet18_dist.engine.runtime import TorchRuntime, available_cpus
     from resnet18_dist.logs import setup_logging
     from resnet18_dist.machine import machine_description
-    from resnet18_dist.options import ConfigError
 
     setup_logging()
     probe = TrainConfig()
     probe.data.data_dir, probe.data.data_backend = opts.data_dir, opts.data_backend
     probe.data.batch_size = opts.batch_size
     threads = opts.threads or available_cpus()
-    try:
-        check_data(probe, gpu_workers_possible=torch.cuda.is_available(), world_size=1)
-        runtime = TorchRuntime(  # refuses an --amp this device cannot do
-            RunConfig(
-                use_gpu=opts.use_gpu,
-                amp=opts.amp,
-                channels_last=opts.channels_last,
-                cpus_per_worker=threads,
-            ),
-            rank=0,
-            world_size=1,
-            local_rank=0,
-            local_world_size=1,
-        )
-    except ConfigError as exc:
-        parser.error(str(exc))
+    # An unusable dataset or --amp is a ConfigError (exit code 2, commands.run).
+    check_data(probe, gpu_workers_possible=torch.cuda.is_available(), world_size=1)
+    runtime = TorchRuntime(  # refuses an --amp this device cannot do
+        RunConfig(
+            use_gpu=opts.use_gpu,
+            amp=opts.amp,
+            channels_last=opts.channels_last,
+            cpus_per_worker=threads,
+        ),
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        local_world_size=1,
+    )
     result: dict[str, Any] = {
         "device": str(runtime.device),
         "device_name": device_name(runtime.device),

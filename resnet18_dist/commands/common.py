@@ -3,8 +3,6 @@ and the run-name rule applied and announced."""
 
 from __future__ import annotations
 
-import argparse
-
 from resnet18_dist import storage
 from resnet18_dist.config import RESUME_THIS_RUN, TrainConfig
 from resnet18_dist.engine.rundir import RunPlan, default_run_name, plan_run
@@ -53,26 +51,17 @@ def check_data(cfg: TrainConfig, gpu_workers_possible: bool, world_size: int | N
         )
 
 
-def plan_or_exit(
-    parser: argparse.ArgumentParser, cfg: TrainConfig, dry_run: bool = False
-) -> RunPlan:
-    """Name the run, apply the run-name rule (exit code 2 to refuse), print what it decided;
+def plan_and_announce(cfg: TrainConfig, dry_run: bool = False) -> RunPlan:
+    """Name the run, apply the run-name rule (a ConfigError refuses it), print what it decided;
     ``dry_run`` only checks it (nothing moved, nothing printed)."""
-    try:
-        return _plan(parser, cfg, dry_run)
-    except storage.StorageError as exc:  # a bucket that is not there, no credentials, ...
-        parser.error(f"--output-dir: {exc}")
-
-
-def _plan(parser: argparse.ArgumentParser, cfg: TrainConfig, dry_run: bool) -> RunPlan:
     if not cfg.run.name:
         # A timestamp; a second run started in the same second gets a suffix, not a resume.
         base = default_run_name()
         cfg.run.name = unique_name(RunLocation.of(cfg.run.output_dir, base), base)
     try:
         plan = plan_run(cfg.run, cfg.optim.epochs, dry_run=dry_run)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    except storage.StorageError as exc:  # a bucket that is not there, no credentials, ...
+        raise ConfigError("--output-dir", str(exc)) from exc
     if plan.describe() and not dry_run:
         print(plan.describe(), flush=True)
     if not dry_run and cfg.run.resume not in (None, RESUME_THIS_RUN):

@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist compare") -> 
     try:
         paths = runs_in_sweep(opts.sweep) if opts.sweep else list(opts.runs)
         runs = [load_run(p) for p in paths]
-    except CompareError as exc:
-        parser.error(str(exc))
+    except CompareError as exc:  # a run that is not there: an option error (exit code 2)
+        option = "--sweep" if opts.sweep else "RUNS"
+        raise ConfigError(option, str(exc).removeprefix("--sweep ")) from exc
     names = [r.name for r in runs]
     if len(set(names)) < len(names):  # same basename in different places: show more of the path
         for r in runs:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from resnet18_dist.cli import build_parser, parse_options
 from resnet18_dist.export.pipeline import ExportOptions
+from resnet18_dist.options import ConfigError
 
 
 def main(argv: list[str] | None = None, prog: str = "resnet18-dist export") -> int:
@@ -24,19 +25,16 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist export") -> i
         try:  # fetched into the local cache now, so a missing object is an option error
             resolve_checkpoint_path(opts.checkpoint)
         except CheckpointError as exc:
-            parser.error(f"--checkpoint: {exc}")
+            raise ConfigError("--checkpoint", str(exc)) from exc
     elif not Path(str(opts.checkpoint)).exists():
-        parser.error(f"--checkpoint: {opts.checkpoint} does not exist")
+        raise ConfigError("--checkpoint", f"{opts.checkpoint} does not exist")
 
     from resnet18_dist.export.publish import export_and_gate
     from resnet18_dist.logs import setup_logging
-    from resnet18_dist.options import ConfigError
 
     setup_logging()
-    try:
-        return export_and_gate(opts, wandb_name=f"export-{Path(str(opts.out)).name}")
-    except ConfigError as exc:  # an --out that is not an earlier export, checked first
-        parser.error(str(exc))  # exits 2
+    # An --out that is not an earlier export is a ConfigError (exit code 2, commands.run).
+    return export_and_gate(opts, wandb_name=f"export-{Path(str(opts.out)).name}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from resnet18_dist.cli import build_parser, parse_options
-from resnet18_dist.options import Options, opt
+from resnet18_dist.options import ConfigError, Options, opt
 
 
 @dataclass
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist predict") -> 
 
     try:
         clf = OnnxClassifier.load(str(opts.model), int8=opts.int8, threads=opts.threads)
-    except PredictError as exc:
-        parser.error(f"--model: {exc}")
+    except PredictError as exc:  # the model, not an image: an option error (exit code 2)
+        raise ConfigError("--model", str(exc)) from exc
     failed = 0
     for path in opts.images:
         try:

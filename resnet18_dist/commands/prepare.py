@@ -21,32 +21,25 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist prepare") -> 
     parser = build_parser(PrepareOptions, __doc__, prog=prog)
     opts = parse_options(PrepareOptions, parser, argv)
 
-    from resnet18_dist.atomic import WriteError
     from resnet18_dist.data.digits import DIGITS_SOURCE, prepare_digits
     from resnet18_dist.data.prepare import prepare_dataset
-    from resnet18_dist.data.sources import SourceError
     from resnet18_dist.logs import setup_logging
-    from resnet18_dist.options import ConfigError
 
     setup_logging()
-    try:
-        if opts.source == DIGITS_SOURCE:
-            result = prepare_digits(
-                Path(str(opts.out)),
-                quiet=opts.quiet,
-                split=opts.split,
-                seed=opts.seed,
-                shard_size=opts.shard_size,
-                min_shards=opts.min_shards,
-                workers=opts.workers,
-            )
-        else:
-            result = prepare_dataset(opts)
-    except ConfigError as exc:  # --out that is not ours to replace, a layout it cannot read
-        parser.error(str(exc))  # exits 2
-    except (SourceError, WriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # ConfigError (an --out that is not ours to replace, a layout it cannot read): exit code 2;
+    # SourceError and WriteError: one line and exit code 1 (commands.run).
+    if opts.source == DIGITS_SOURCE:
+        result = prepare_digits(
+            Path(str(opts.out)),
+            quiet=opts.quiet,
+            split=opts.split,
+            seed=opts.seed,
+            shard_size=opts.shard_size,
+            min_shards=opts.min_shards,
+            workers=opts.workers,
+        )
+    else:
+        result = prepare_dataset(opts)
 
     print(f"prepared {result.out} in {result.seconds:.1f}s")
     for split, n in result.counts.items():

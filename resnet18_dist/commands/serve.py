@@ -36,16 +36,13 @@ def port_free(host: str, port: int) -> bool:
 def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> int:
     parser = build_parser(ServeOptions, __doc__, prog=prog, config_file=False)
     opts = parse_options(ServeOptions, parser, argv)
-    try:
-        opts.check_files()
-    except ConfigError as exc:
-        parser.error(str(exc))
+    opts.check_files()  # a ConfigError: exit code 2 (commands.run)
     from resnet18_dist.serve.classifier import OnnxClassifier, PredictError
 
     try:  # a truncated or foreign model file is refused here, not by replicas failing to start
         OnnxClassifier.load(opts.model_file())
     except PredictError as exc:
-        parser.error(f"--model: {exc}")
+        raise ConfigError("--model", str(exc)) from exc
 
     from resnet18_dist.integrations.ray_train import start_ray
 
@@ -53,7 +50,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
     if private and not port_free(opts.host, opts.port):
         # The proxy of a Ray started here runs on this machine: a taken port would only show
         # as a proxy that never becomes healthy.
-        parser.error(f"--port: {opts.host}:{opts.port} is already in use")
+        raise ConfigError("--port", f"{opts.host}:{opts.port} is already in use")
 
     import logging
 
@@ -79,8 +76,6 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
     )
     try:
         serve.run(build_app(opts), name=APP_NAME, route_prefix="/", logging_config=logging_config)
-    except ConfigError as exc:
-        parser.error(str(exc))
     except KeyboardInterrupt:  # serve.run waits without a timeout for replicas that may never fit
         print("interrupted before the application was running; removing it", flush=True)
         serve.delete(APP_NAME)

@@ -46,38 +46,29 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
 
     setup_logging()
     started = time.time()
-    try:  # Tune's trials write their run directories through our local file layout
-        refuse_remote_output(cfg.run.output_dir, "a sweep")
-    except ConfigError as exc:
-        parser.error(str(exc))
+    # Tune's trials write their run directories through our local file layout.
+    refuse_remote_output(cfg.run.output_dir, "a sweep")
     if not cfg.run.name:  # a timestamp; a second sweep in the same second gets a suffix
         base = default_sweep_name()
         cfg.run.name = unique_name(RunLocation.of(cfg.run.output_dir, base), base)
     sweep = RunLocation.of(cfg.run.output_dir, cfg.run.name)
     sweep_dir = Path(sweep.path)
-    # Everything that can be checked before Ray starts is checked here (exit code 2).
-    try:
-        require_train_v2()
-        check_search(cfg)
-        wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
-        fixed = cfg.train_config()
-        check_data(fixed, gpu_workers_possible=True)
-        cfg.data.manifest_sha256 = fixed.data.manifest_sha256  # every trial copies this version
-        if cfg.run.resume not in (None, RESUME_THIS_RUN):
-            raise ConfigError(
-                "--resume", "a sweep resumes itself: give --resume alone (or nothing)"
-            )
-        if cfg.run.resume == RESUME_THIS_RUN and not (sweep_dir / SWEEP_CONFIG).is_file():
-            raise ConfigError("--resume", f"{sweep_dir} holds no sweep to resume")
-        check_same_sweep(cfg, sweep_dir)  # a rerun continues the sweep it started, unchanged
-    except ConfigError as exc:
-        parser.error(str(exc))
+    # Everything that can be checked before Ray starts is checked here (a ConfigError: exit
+    # code 2, commands.run).
+    require_train_v2()
+    check_search(cfg)
+    wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
+    fixed = cfg.train_config()
+    check_data(fixed, gpu_workers_possible=True)
+    cfg.data.manifest_sha256 = fixed.data.manifest_sha256  # every trial copies this version
+    if cfg.run.resume not in (None, RESUME_THIS_RUN):
+        raise ConfigError("--resume", "a sweep resumes itself: give --resume alone (or nothing)")
+    if cfg.run.resume == RESUME_THIS_RUN and not (sweep_dir / SWEEP_CONFIG).is_file():
+        raise ConfigError("--resume", f"{sweep_dir} holds no sweep to resume")
+    check_same_sweep(cfg, sweep_dir)  # a rerun continues the sweep it started, unchanged
     start_ray(cfg.run.address, cfg.run.verbose)  # with the dashboard: Train V2 needs its API
-    try:
-        use_gpu = check_resources(cfg.run)
-        plan = plan_trials(cfg, use_gpu)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    use_gpu = check_resources(cfg.run)
+    plan = plan_trials(cfg, use_gpu)
     # Only once the cluster can run it: --fresh moves the old sweep aside.
     if cfg.run.fresh and sweep.exists():
         print(f"--fresh: the previous sweep is kept in {sweep.move_aside().path}", flush=True)

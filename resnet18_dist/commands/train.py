@@ -22,7 +22,6 @@ from pathlib import PurePosixPath
 
 from resnet18_dist.cli import build_parser, parse_options
 from resnet18_dist.config import TrainConfig
-from resnet18_dist.options import ConfigError
 from resnet18_dist.run_files import REPORT_FILE
 
 # Heavier imports (torch, Ray) wait until the options are parsed, so a typo fails fast.
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
     parser = build_parser(TrainConfig, __doc__, prog=prog)
     cfg = parse_options(TrainConfig, parser, argv)
 
-    from resnet18_dist.commands.common import check_data, plan_or_exit
+    from resnet18_dist.commands.common import check_data, plan_and_announce
     from resnet18_dist.engine.summary import format_report
     from resnet18_dist.integrations import wandb as wandb_adapter
     from resnet18_dist.integrations.ray_train import (
@@ -48,14 +47,12 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
     from resnet18_dist.logs import setup_logging
 
     setup_logging()
-    # Everything that can be checked before a worker starts is checked here (exit code 2).
-    try:
-        require_train_v2()
-        wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
-        check_data(cfg, gpu_workers_possible=True)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    plan_or_exit(parser, cfg, dry_run=True)  # refuse before Ray starts; --fresh moves later
+    # Everything that can be checked before a worker starts is checked here (a ConfigError:
+    # exit code 2, commands.run).
+    require_train_v2()
+    wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
+    check_data(cfg, gpu_workers_possible=True)
+    plan_and_announce(cfg, dry_run=True)  # refuse before Ray starts; --fresh moves later
 
     # A private local Ray's processes start while this one loads torch and the TorchTrainer
     # (about two seconds of imports that would otherwise come before or after). When joining a
@@ -70,11 +67,8 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
         preload.start()
         start_ray(cfg.run.address, cfg.run.verbose)
         preload.join()
-    try:
-        use_gpu = check_resources(cfg.run)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    plan = plan_or_exit(parser, cfg)  # the cluster can run it: now apply the run-name rule
+    use_gpu = check_resources(cfg.run)
+    plan = plan_and_announce(cfg)  # the cluster can run it: now apply the run-name rule
     print(
         f"Ray Train: {cfg.run.num_workers} worker(s){' (elastic)' if cfg.run.elastic else ''}, "
         f"{'GPU' if use_gpu else 'CPU'}, "

@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
 
     from accelerate.utils import broadcast_object_list
 
-    from resnet18_dist.checkpoint_file import CheckpointError
-    from resnet18_dist.commands.common import check_data, plan_or_exit, refuse_remote_output
-    from resnet18_dist.data.manifest import DatasetError
+    from resnet18_dist.commands.common import check_data, plan_and_announce, refuse_remote_output
     from resnet18_dist.engine.reporting import LocalReporter
     from resnet18_dist.engine.session import run_training
     from resnet18_dist.engine.summary import format_report
@@ -98,9 +96,9 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
                     gpu_workers_possible=runtime.device.type == "cuda",
                     world_size=runtime.world_size,
                 )
+                plan = plan_and_announce(cfg)
             except ConfigError as exc:
                 parser.error(str(exc))
-            plan = plan_or_exit(parser, cfg)
         except SystemExit as refused:  # parser.error has printed why; every rank exits so
             code = refused.code if isinstance(refused.code, int) else 2
             on_stop_exit_with(code)
@@ -137,10 +135,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
             resume_from=resume_from,
             extra_callbacks=wandb_adapter.wandb_callbacks(cfg, runtime, run_dir, wandb_mode),
         )
-    except (DatasetError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
+    finally:  # a DatasetError or CheckpointError: one line and exit code 1 (commands.run)
         runtime.shutdown()
     if runtime.is_main:
         print(format_report(report), flush=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from resnet18_dist.errors import UserError
+
 MANIFEST = "manifest.json"
 REJECTS = "rejects.json"
 FORMAT = "resnet18-dist/webdataset-v1"
@@ -21,7 +23,7 @@ IMAGE_EXT = "jpg"
 LABEL_EXT = "cls"
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, UserError):
     """A prepared dataset is missing, malformed or inconsistent; the message names the file."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from resnet18_dist.errors import UserError
 from resnet18_dist.imaging import BadImage, decode_upright, orientation
 from resnet18_dist.options import ConfigError
 
@@ -26,7 +27,7 @@ CIFAR_DIR = "cifar-10-batches-py"
 SPLIT_DIRS = ("train", "val", "test")
 
 
-class SourceError(ValueError):
+class SourceError(ValueError, UserError):
     """The source as a whole is unusable (missing, empty, a class with no images...)."""
 
 

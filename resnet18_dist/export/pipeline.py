@@ -28,6 +28,7 @@ from resnet18_dist.data.digits import dataset_dir
 from resnet18_dist.data.manifest import DatasetError, Manifest
 from resnet18_dist.data.policy import DataPolicy
 from resnet18_dist.data.torch_loader import ShardDataset, eval_transform
+from resnet18_dist.errors import UserError
 from resnet18_dist.export.artifact import model_from_checkpoint
 from resnet18_dist.export.measure import (
     MeasureOptions,
@@ -68,7 +69,7 @@ REPORT_MD = "report.md"
 EXPORT_MARK = (META_JSON, FORMAT, "an export")
 
 
-class ExportError(RuntimeError):
+class ExportError(RuntimeError, UserError):
     """The export could not be produced; nothing was written."""
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from resnet18_dist.errors import UserError
 from resnet18_dist.imaging import BadImage, ImageTooLarge, decode_upright
 from resnet18_dist.model_meta import MODEL_INT8_ONNX, MODEL_ONNX, ExportMeta
 
 
-class PredictError(ValueError):
+class PredictError(ValueError, UserError):
     """A model or an input that cannot be used; the message names the file."""
 
 
