@@ -17,7 +17,9 @@ from resnet18_dist.options import ConfigError, Options, opt
 
 @dataclass
 class CompareOptions(Options):
-    runs: list[str] = opt([], "Run directories.", positional=True, nargs="*", path=True)
+    runs: list[str] = opt(
+        [], "Run directories (local, or s3:// / gs:// runs).", positional=True, nargs="*", path=True
+    )
     sweep: str | None = opt(
         None, "A directory whose run directories (any depth) to compare.", path=True
     )
