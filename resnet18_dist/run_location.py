@@ -148,6 +148,10 @@ class LocalRun(RunLocation):
     def exists(self) -> bool:
         return self.path.exists()
 
+    def checkpoint_names(self) -> list[str]:
+        """Directories only: a file named ``checkpoint_*`` is not a checkpoint of this run."""
+        return [n for n in super().checkpoint_names() if (self.path / n).is_dir()]
+
     def entries(self) -> set[str]:
         if not self.path.is_dir():
             return set()

@@ -354,3 +354,25 @@ def test_a_sweeps_best_trial_export_fails_the_export_commands_way(
     assert "error: INT8 quantization failed: RuntimeError: simulated failure" in err, err
     assert f"nothing was written to {tmp_path / 'best'}" in err
     assert not (tmp_path / "best").exists()
+
+
+def test_a_line_printed_before_the_child_is_ready_is_no_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: a measuring child that printed anything before ``ready`` (here a
+    sitecustomize, as a site may install) made the parent wait on it forever. Now the line is
+    skipped, and a child that then fails is reported as before."""
+    from resnet18_dist.export.measure import MeasureOptions, measure
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("print('hello from a sitecustomize')\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx model")
+    images = tmp_path / "x.npy"
+    np.save(images, np.zeros((2, 3, 8, 8), np.float32))
+    opts = MeasureOptions(threads=1, latency_iters=1, throughput_seconds=0.1)
+    with pytest.raises(RuntimeError) as err:
+        measure("onnx_fp32", bad, tmp_path / "model.pt", images, images, opts, timeout_s=120)
+    assert str(err.value).startswith("measuring model.onnx failed (exit code 1):"), err.value

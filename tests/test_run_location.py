@@ -64,3 +64,25 @@ def test_moving_aside_twice_in_one_second_keeps_both(
         assert kept[-1].path == planned.path and not loc.exists()
     assert [k.name for k in kept] == ["r.prev-20260101-000000", "r.prev-20260101-000000-2"]
     assert [k.finished_epochs() for k in kept] == [1, 2]
+
+
+def test_an_unlistable_bucket_is_an_output_dir_error_with_or_without_a_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review finding: without --name, naming the run listed the bucket outside the conversion
+    of storage errors, so it exited 1 instead of 2 naming --output-dir."""
+    from resnet18_dist import storage
+    from resnet18_dist.commands.common import plan_and_announce
+    from resnet18_dist.config import RunConfig, TrainConfig
+    from resnet18_dist.options import ConfigError
+
+    def denied(uri: str) -> list[str]:  # a fault injected where the bucket would refuse
+        raise storage.StorageError(f"{uri}: access denied")
+
+    monkeypatch.setattr(storage, "list_files", denied)
+    monkeypatch.setattr(storage, "require_bucket", lambda uri: None)
+    for name in ("", "r1"):
+        cfg = TrainConfig(run=RunConfig(output_dir="s3://bucket/runs", name=name))
+        with pytest.raises(ConfigError) as err:
+            plan_and_announce(cfg)
+        assert err.value.option == "--output-dir" and "access denied" in str(err.value)

@@ -54,11 +54,11 @@ def check_data(cfg: TrainConfig, gpu_workers_possible: bool, world_size: int | N
 def plan_and_announce(cfg: TrainConfig, dry_run: bool = False) -> RunPlan:
     """Name the run, apply the run-name rule (a ConfigError refuses it), print what it decided;
     ``dry_run`` only checks it (nothing moved, nothing printed)."""
-    if not cfg.run.name:
-        # A timestamp; a second run started in the same second gets a suffix, not a resume.
-        base = default_run_name()
-        cfg.run.name = unique_name(RunLocation.of(cfg.run.output_dir, base), base)
     try:
+        if not cfg.run.name:
+            # A timestamp; a second run started in the same second gets a suffix, not a resume.
+            base = default_run_name()
+            cfg.run.name = unique_name(RunLocation.of(cfg.run.output_dir, base), base)
         plan = plan_run(cfg.run, cfg.optim.epochs, dry_run=dry_run)
     except storage.StorageError as exc:  # a bucket that is not there, no credentials, ...
         raise ConfigError("--output-dir", str(exc)) from exc

@@ -172,11 +172,14 @@ def main(argv: list[str]) -> int:
     ``ready``, then waits for one request (a JSON line on stdin), measures, and writes the
     figures to the request's ``out`` (.json) and the logits next to it (.npy)."""
     kind = argv[0]
-    _import_runtime(kind)
-    print(READY, flush=True)
-    # Anything printed from here on (a runtime's native log) goes to stderr: nobody reads this
-    # stdout any more, and a full pipe would block the child.
+    # Only ``ready`` ever goes to the parent's pipe: anything printed from here on (a
+    # sitecustomize, a library at import, a runtime's native log) goes to stderr, so a stray
+    # line can neither be taken for the answer nor fill a pipe nobody reads.
+    ready = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    _import_runtime(kind)
+    print(READY, file=ready, flush=True)
+    ready.close()
     line = sys.stdin.readline()
     if not line:  # the parent went away (or gave up on this row) before asking
         return 3
@@ -217,6 +220,8 @@ class MeasuringProcess:
         self._ready = False
 
     def _failure(self, name: str) -> RuntimeError:
+        if self.proc.poll() is None:  # still alive but not answering as agreed: never wait on it
+            self.proc.kill()
         rc = self.proc.wait()
         if rc < 0:  # killed: the OOM killer's SIGKILL, most likely
             return RuntimeError(
@@ -231,12 +236,19 @@ class MeasuringProcess:
         if self._ready:
             return
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        if not ready:
-            self.close()
-            raise RuntimeError(f"measuring {name}: its runtime did not load in {timeout_s:.0f}s")
-        if self.proc.stdout.readline().strip() != READY:  # it exited while loading
-            raise self._failure(name)
+        deadline = time.monotonic() + timeout_s
+        while True:  # a line printed before the child's own redirect (a sitecustomize) is skipped
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                self.close()
+                raise RuntimeError(
+                    f"measuring {name}: its runtime did not load in {timeout_s:.0f}s"
+                )
+            line = self.proc.stdout.readline()
+            if not line:  # it exited while loading
+                raise self._failure(name)
+            if line.strip() == READY:
+                break
         self._ready = True
 
     def measure(
@@ -281,7 +293,10 @@ class MeasuringProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        self._stderr.close()
+        for pipe in (self.proc.stdin, self.proc.stdout, self._stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 @contextlib.contextmanager
