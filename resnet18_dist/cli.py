@@ -1,5 +1,5 @@
 """Any ``Options`` dataclass as an argparse parser; parsed flags (over an optional YAML file) back
-into a validated instance; and the README's options tables.
+into a validated instance; and the options tables of docs/options.md.
 
 Commands own ``sys.argv``; this module builds parsers and merges defaults < ``--config`` YAML <
 flags. Any invalid option exits with code 2 and names the flag.
@@ -180,7 +180,8 @@ def parse_options(
 
 
 def options_markdown(cls: type[Options]) -> str:
-    """A README options table generated from ``cls`` (a test keeps the README equal to it)."""
+    """An options table of docs/options.md generated from ``cls`` (a test keeps the page equal
+    to it)."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for _, f, _ftype in cls.option_fields():
         if not f.metadata.get("cli", True):

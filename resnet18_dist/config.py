@@ -1,20 +1,17 @@
 """The training run's options: validated dataclasses in five sections, YAML round trip.
 
 Every option lives in exactly one section dataclass and carries its help text, choices and
-bounds in its field metadata (see :mod:`resnet18_dist.options`), so ``--help``, the README table
-and validation errors all name the same flag. Nothing here parses ``sys.argv``.
+bounds in its field metadata (see :mod:`resnet18_dist.options`), so ``--help``, the table in
+docs/options.md and validation errors all name the same flag. Nothing here parses ``sys.argv``.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from resnet18_dist.options import ConfigError, Options, check, flag, opt
-from resnet18_dist.storage import is_remote
 
 __all__ = [
     "ConfigError",
@@ -116,13 +113,6 @@ class DataConfig(Options):
             "image_size",
             f"must be 0 (auto) or at least 8 px (got {self.image_size})",
         )
-        if self.data_dir is not None and "://" not in self.data_dir:
-            check(
-                (Path(self.data_dir) / "manifest.json").is_file(),
-                "data_dir",
-                f"{self.data_dir} is not a prepared dataset (no manifest.json); "
-                "prepare it with `python launch/prepare_data.py --source SRC --out DIR`",
-            )
 
 
 ARCH_CHOICES = ("resnet18", "resnet34", "resnet50")
@@ -194,13 +184,6 @@ class ModelConfig(Options):
             "SE blocks are built for basic-block ResNets (resnet18, resnet34), not resnet50",
         )
         parse_freeze(self.freeze)
-        if self.pretrained is not None and self.pretrained != "torchvision":
-            check(
-                os.path.exists(self.pretrained),
-                "pretrained",
-                f"{self.pretrained} does not exist (give a weights file, a checkpoint, or "
-                "`torchvision`)",
-            )
 
 
 RECIPE_NAMES = ("none", "cifar")
@@ -277,10 +260,10 @@ class OptimConfig(Options):
     )
     recipe: str = opt(
         "none",
-        "A named preset of data and optimisation options (see README, Recipes); options given "
-        "explicitly (flags or --config) override it. cifar: trivialaugment + Cutout, batch 512, "
-        "lr 0.2, 5 warm-up epochs + cosine over 150, weight decay 5e-4, label smoothing 0.1, "
-        "EMA 0.999, no early stopping.",
+        "A named preset of data and optimisation options (see docs/training.md, Recipes); "
+        "options given explicitly (flags or --config) override it. cifar: trivialaugment + "
+        "Cutout, batch 512, lr 0.2, 5 warm-up epochs + cosine over 150, weight decay 5e-4, "
+        "label smoothing 0.1, EMA 0.999, no early stopping.",
         choices=RECIPE_NAMES,
     )
 
@@ -315,34 +298,10 @@ class DistillConfig(Options):
     )
 
     def validate(self) -> None:
+        # Whether --teacher names a file or a torchvision architecture is a question for the
+        # file system: launching/preflight.check_paths answers it before any worker starts.
         if self.teacher is None:
             check(self.teacher_weights is None, "teacher_weights", "given without --teacher")
-            return
-        if self.teacher in TORCHVISION_TEACHERS and not os.path.exists(self.teacher):
-            check(
-                self.teacher_weights is not None,
-                "teacher_weights",
-                f"a torchvision teacher ({self.teacher}) needs its weights: a state-dict file "
-                "trained on this data's classes, or `torchvision`",
-            )
-            if self.teacher_weights != "torchvision":
-                check(
-                    os.path.exists(self.teacher_weights),  # type: ignore[arg-type]
-                    "teacher_weights",
-                    f"{self.teacher_weights} does not exist",
-                )
-            return
-        check(
-            os.path.exists(self.teacher),
-            "teacher",
-            f"{self.teacher} is neither a checkpoint / run directory nor one of "
-            f"{', '.join(TORCHVISION_TEACHERS)}",
-        )
-        check(
-            self.teacher_weights is None,
-            "teacher_weights",
-            "only for a torchvision teacher; a checkpoint carries its own weights",
-        )
 
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -483,8 +442,6 @@ class RunConfig(Options):
             f"must be ASCII letters, digits, '.', '_' and '-' only ([A-Za-z0-9._-]), and not '.' "
             f"or '..' (got {self.name!r})",
         )
-        if self.resume not in (None, RESUME_THIS_RUN) and not is_remote(self.resume):
-            check(os.path.exists(self.resume), "resume", f"{self.resume} does not exist")
         check(
             not (self.fresh and self.resume == RESUME_THIS_RUN),
             "fresh",

@@ -1,4 +1,4 @@
-"""Options as validated dataclasses: one declaration is a flag, a YAML key, a README row and a rule.
+"""Options as validated dataclasses: one declaration is a flag, a YAML key, a docs row and a rule.
 
 Every command (train, prepare, export, predict, compare, sweep, serve) declares its options as an
 ``Options`` dataclass; :mod:`resnet18_dist.cli` turns any of them into an argparse parser, YAML

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from resnet18_dist.integrations.ray_train import PRIVATE_RAY_ENV, PRIVATE_RAY_TRAIN_ENV
+from resnet18_dist.launching.ray_cluster import PRIVATE_RAY_ENV, PRIVATE_RAY_TRAIN_ENV
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TAG = "loopback_node_"  # a custom resource that names each node in Ray's own state
@@ -74,7 +74,7 @@ class LoopbackCluster:
         self.env = {
             **os.environ,
             # Ray 2.60's head turns token authentication on; every node, driver and CLI call
-            # presents the token (a real cluster's nodes get it the same way, see README).
+            # presents the token (a real cluster's nodes get it the same way, see docs/cluster.md).
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -83,7 +83,7 @@ class LoopbackCluster:
             # busy, still has Ray's 10 s per check to answer.
             "RAY_health_check_period_ms": "500",
             "RAY_health_check_failure_threshold": "4",
-            # What the launcher sets for a private Ray (integrations/ray_train.py), which a
+            # What the launcher sets for a private Ray (launching/ray_cluster.py), which a
             # `ray start` cluster does not get from it: no idle workers started in advance, and
             # Ray Train's controller notices a failed, finished or resizable worker group
             # within 0.2 s instead of 2 s (propagated from the driver to the controller).
@@ -104,7 +104,7 @@ class LoopbackCluster:
         # Ray's State API calls that name no address (Ray Train V2's placement-group cleaner
         # makes them on the nodes) go to this cluster's dashboard, not to "the" Ray found by
         # listing GCS processes, which fails while any other Ray runs on this machine (what the
-        # launcher does for its private Ray, integrations/ray_train._own_state_api).
+        # launcher does for its private Ray, launching/ray_cluster._own_state_api).
         self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
 
     @property

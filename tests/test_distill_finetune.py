@@ -147,9 +147,15 @@ def test_distill_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="--alpha"):
         DistillConfig(alpha=1.5)
     with pytest.raises(ConfigError, match="--teacher-weights"):
-        DistillConfig(teacher="resnet50")
+        DistillConfig(teacher_weights="w.pt")  # without --teacher
+    # What --teacher names is looked up by the launcher's preflight, not on every worker.
+    from resnet18_dist.config import TrainConfig
+    from resnet18_dist.launching.preflight import check_paths
+
+    with pytest.raises(ConfigError, match="--teacher-weights"):
+        check_paths(TrainConfig(distill=DistillConfig(teacher="resnet50")))
     with pytest.raises(ConfigError, match="--teacher"):
-        DistillConfig(teacher="/no/such/run")
+        check_paths(TrainConfig(distill=DistillConfig(teacher="/no/such/run")))
 
 
 def test_torchvision_resnet18_weights_load_as_a_pretrained_start(tmp_path: Path) -> None:

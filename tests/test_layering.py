@@ -23,6 +23,7 @@ FLOORS = {
     "export": 3,
     "integrations": 3,
     "serve": 3,
+    "launching": 4,  # the Ray cluster and the preflight every training launcher shares
     "tuning": 4,  # tuning/ (Ray Tune): trains and exports through the floors below
     "commands": 5,
 }
@@ -87,6 +88,10 @@ def test_the_layering_check_sees_a_violation(tmp_path: Path, monkeypatch) -> Non
         "def f():\n    from resnet18_dist.export.pipeline import ExportOptions\n"
     )
     (fake / "engine" / "sweeps.py").write_text("import tuning.sweep\n")
+    (fake / "integrations").mkdir()
+    (fake / "integrations" / "up.py").write_text(
+        "from resnet18_dist.launching.preflight import preflight\n"
+    )
     tuning = tmp_path / "tuning"
     tuning.mkdir()
     (tuning / "bad.py").write_text("from resnet18_dist.commands.export import main\n")
@@ -96,6 +101,8 @@ def test_the_layering_check_sees_a_violation(tmp_path: Path, monkeypatch) -> Non
     assert _violations() == [
         "resnet18_dist/engine/bad.py:2 imports resnet18_dist.export.pipeline (floor 3 > 2)",
         "resnet18_dist/engine/sweeps.py:1 imports tuning.sweep (floor 4 > 2)",
+        "resnet18_dist/integrations/up.py:1 imports resnet18_dist.launching.preflight "
+        "(floor 4 > 3)",
         "tuning/bad.py:1 imports resnet18_dist.commands.export (floor 5 > 4)",
     ]
 

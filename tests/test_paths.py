@@ -233,23 +233,51 @@ def test_a_dataset_too_small_for_the_batch_is_refused_before_ray_starts(
     assert "Traceback" not in r.stderr and not (tmp_path / "runs").exists()
 
 
-def test_fresh_resume_into_the_moved_run_is_what_the_workers_validate(
+def test_fresh_resume_into_the_moved_run_is_what_the_workers_get(
     tmp_path: Path, small_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--fresh --resume runs/r1/checkpoint_epoch0001 --name r1``: the launcher moves r1 aside,
-    and the options it hands the workers (which validate them again) name the moved copy."""
+    and the options it hands the workers name the moved copy."""
     import shutil
 
-    from resnet18_dist.commands.common import plan_and_announce
     from resnet18_dist.config import TrainConfig
+    from resnet18_dist.launching.preflight import preflight
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(small_run, tmp_path / "runs" / "r1")
     parser = build_parser(TrainConfig, "")
     args = ["--name", "r1", "--fresh", "--resume", "runs/r1/checkpoint_epoch0001"]
     cfg = parse_options(TrainConfig, parser, [*args, "--epochs", "2"])
-    plan = plan_and_announce(cfg)
+    typed = cfg.to_dict()
+    launch = preflight(cfg, "ray").planned(use_gpu=False)
+    plan = launch.plan
     assert Path(plan.moved_aside).name.startswith("r1.prev-")
-    worker_cfg = TrainConfig.from_dict(cfg.to_dict())  # raised "--resume: ... does not exist"
+    assert cfg.to_dict() == typed  # the command line's options are not changed
+    worker_cfg = TrainConfig.from_dict(launch.config.to_dict())
     assert worker_cfg.run.resume == str(plan.resume_from)
     assert Path(worker_cfg.run.resume).is_file()
+
+
+def test_a_worker_validates_options_without_looking_at_its_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths are checked once, by the launcher's preflight (naming the option), not again by
+    every worker or trial that reads the options: on a worker, a path given on the driver's
+    machine may not exist (this is how relative paths broke under Ray)."""
+    from resnet18_dist.config import TrainConfig
+    from resnet18_dist.launching.preflight import check_paths
+    from resnet18_dist.options import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    missing = {
+        "--data-dir": {"data": {"data_dir": "data/nowhere"}},
+        "--pretrained": {"model": {"pretrained": "weights/nowhere.pt"}},
+        "--teacher": {"distill": {"teacher": "runs/no-teacher"}},
+        "--teacher-weights": {"distill": {"teacher": "resnet34", "teacher_weights": "w.pt"}},
+        "--resume": {"run": {"resume": "runs/nowhere/checkpoint_epoch0001"}},
+    }
+    for option, raw in missing.items():
+        cfg = TrainConfig.from_dict(raw)  # pure: no error on a worker
+        with pytest.raises(ConfigError) as err:
+            check_paths(cfg)
+        assert err.value.option == option, (option, err.value)

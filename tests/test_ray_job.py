@@ -41,19 +41,19 @@ def test_ray_workers_import_this_checkout_ahead_of_any_other(
     """A launcher's private Ray or `--address` cluster: the workers import this checkout (a
     fresh clone need not be installed); a `ray job submit --working-dir` job gets its upload
     on the path from Ray instead."""
-    from resnet18_dist.integrations.ray_train import _local_runtime_env
+    from resnet18_dist.launching.ray_cluster import local_runtime_env
 
     monkeypatch.setenv("PYTHONPATH", "/opt/elsewhere")
-    path = _local_runtime_env()["env_vars"]["PYTHONPATH"]
+    path = local_runtime_env()["env_vars"]["PYTHONPATH"]
     assert path.split(os.pathsep) == [str(REPO), "/opt/elsewhere"]
     monkeypatch.delenv("PYTHONPATH")
-    assert _local_runtime_env() == {"env_vars": {"PYTHONPATH": str(REPO)}}
+    assert local_runtime_env() == {"env_vars": {"PYTHONPATH": str(REPO)}}
 
 
 def test_a_private_ray_is_told_apart_from_joining_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a Ray that ray.init would start gets its own State API address: not a cluster named
     by --address or RAY_ADDRESS, nor a Ray Client address (which Ray's parser refuses)."""
-    from resnet18_dist.integrations.ray_train import _starts_private_ray
+    from resnet18_dist.launching.ray_cluster import _starts_private_ray
 
     monkeypatch.setenv("RAY_ADDRESS", "local")
     assert _starts_private_ray(None)

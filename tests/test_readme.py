@@ -1,6 +1,7 @@
-"""The README against the code: its options tables are generated from the options dataclasses,
-the scripts and console commands it names exist, and its shell commands run as a user runs them
-(from an empty working directory, with the README's relative paths) and do what it says."""
+"""The README and docs/ against the code: docs/options.md's tables are generated from the options
+dataclasses, the scripts and console commands they name exist, and the README's shell commands run
+as a user runs them (from an empty working directory, with the README's relative paths) and do
+what it says."""
 
 from __future__ import annotations
 
@@ -48,12 +49,12 @@ TABLES = {
 
 
 @pytest.mark.parametrize("command", list(TABLES))
-def test_readme_options_tables_match_the_code(command: str) -> None:
-    readme = (REPO / "README.md").read_text()
+def test_docs_options_tables_match_the_code(command: str) -> None:
+    page = (REPO / "docs" / "options.md").read_text()
     table = re.search(
-        rf"<!-- options:{command}:start -->\n(.*?)\n<!-- options:{command}:end -->", readme, re.S
+        rf"<!-- options:{command}:start -->\n(.*?)\n<!-- options:{command}:end -->", page, re.S
     )
-    assert table, f"README lost its {command} options table markers"
+    assert table, f"docs/options.md lost its {command} options table markers"
     assert table.group(1) == options_markdown(TABLES[command]), (
         f"regenerate with resnet18_dist.cli.options_markdown({TABLES[command].__name__})"
     )
@@ -62,7 +63,7 @@ def test_readme_options_tables_match_the_code(command: str) -> None:
 def test_readme_commands_point_at_files_and_commands_that_exist() -> None:
     from resnet18_dist.commands import COMMANDS
 
-    readme = (REPO / "README.md").read_text()
+    readme = "\n".join(p.read_text() for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")])
     scripts = set(re.findall(r"python (launch/\w+\.py)", readme))
     assert "launch/train.py" in scripts  # the pattern still finds the main job
     for script in scripts:
@@ -92,9 +93,10 @@ class Command:
     """One simple command of the README: continuations joined, comment dropped, `&&` split."""
 
     text: str
-    line: int  # README line it starts on
+    line: int  # the line it starts on
     section: str
     output: tuple[str, ...] = ()  # a ```console block's sample output of the command
+    file: str = "README.md"  # or a page of docs/
 
 
 @dataclass(frozen=True)
@@ -356,8 +358,8 @@ def _split_and(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def shell_commands(readme: str) -> list[Command]:
-    """Every simple command of the README's shell blocks, in order."""
+def shell_commands(readme: str, file: str = "README.md") -> list[Command]:
+    """Every simple command of one page's shell blocks (the README's by default), in order."""
     commands: list[Command] = []
     lines = readme.splitlines()
     section, i = "", 0
@@ -382,7 +384,7 @@ def shell_commands(readme: str) -> list[Command]:
                         if out.startswith("$ "):
                             break
                         output.append(out)
-                    commands.append(Command(line[2:].strip(), number, section, tuple(output)))
+                    commands.append(Command(line[2:].strip(), number, section, tuple(output), file))
         elif fence.group(1) in SHELL_BLOCKS:
             pending, first = "", 0
             for number, line in body:
@@ -394,7 +396,7 @@ def shell_commands(readme: str) -> list[Command]:
                     pending += line[:-1].strip() + " "
                     continue
                 for part in _split_and(pending + line.strip()):
-                    commands.append(Command(part, first, section))
+                    commands.append(Command(part, first, section, file=file))
                 pending, first = "", 0
     return commands
 
@@ -412,12 +414,12 @@ def plan_problems(commands: list[Command]) -> list[str]:
     for c in runnable:
         if not c.text.startswith(RUNNABLE):
             problems.append(
-                f"README.md line {c.line} ({c.section}): `{c.text}` is neither run by "
+                f"{c.file} line {c.line} ({c.section}): `{c.text}` is neither run by "
                 "tests/test_readme.py nor listed in its SKIPPED table"
             )
     for skip in SKIPPED:
         problems += [
-            f"SKIPPED lists `{t}`, which the README no longer has"
+            f"SKIPPED lists `{t}`, which the README and docs no longer have"
             for t in skip.commands
             if t not in texts
         ]
@@ -429,7 +431,7 @@ def plan_problems(commands: list[Command]) -> list[str]:
             problems.append(f"SUBSTITUTIONS: no command the test runs has `{s.old}`")
     for text in SHARED:
         if text not in {c.text for c in runnable}:
-            problems.append(f"SHARED: the README no longer has `{text}`")
+            problems.append(f"SHARED: the README and docs no longer have `{text}`")
     for name in USER_FILES:
         if not any(name in c.text.split() or f"@{name}" in c.text for c in runnable):
             problems.append(f"USER_FILES: no command the test runs names {name}")
@@ -504,7 +506,7 @@ class UserShell:
 
     def fail(self, command: Command, typed: str, why: str, output: str) -> ReadmeCommandFailed:
         return ReadmeCommandFailed(
-            f"README.md line {command.line} ({command.section}): `{command.text}` {why}\n"
+            f"{command.file} line {command.line} ({command.section}): `{command.text}` {why}\n"
             f"  typed: {typed}\n  in: {self.cwd}\n{output[-4000:]}"
         )
 
@@ -589,7 +591,9 @@ def check_answer(client: Command, answer: str, token: str | None) -> None:
     if token:
         assert (got["error"], got["status"]) == ("unauthorized", 401), (client.text, got)
         return
-    assert client.output, f"README.md line {client.line}: no sample answer below `{client.text}`"
+    assert client.output, (
+        f"{client.file} line {client.line}: no sample answer below `{client.text}`"
+    )
     sample = json.loads(client.output[0])
     if "error" in sample:
         assert got == sample, (client.text, got)
@@ -602,11 +606,13 @@ def check_answer(client: Command, answer: str, token: str | None) -> None:
 ServerCheck = Callable[[str, list[str], "str | None"], None]  # (url, typed words, token)
 
 
-def run_readme(readme: str, shell: UserShell, while_serving: ServerCheck | None = None) -> None:
+def run_readme(
+    commands: list[Command], shell: UserShell, while_serving: ServerCheck | None = None
+) -> None:
     """Run every command of ``readme`` that SKIPPED does not list, in the README's order; the
     curls run against each server the README starts, then ``while_serving`` if given. Raises
     at the first failure."""
-    commands = [c for c in shell_commands(readme) if not skipped(c)]
+    commands = [c for c in commands if not skipped(c)]
     clients = [c for c in commands if c.text.startswith("curl ")]
     done = set(shell.outputs)  # a SHARED command, already run in this working directory
     for command in commands:
@@ -667,6 +673,20 @@ def missing_lines(sample: list[str], output: str, optional: str = "") -> list[st
 
 # ------------------------------------------------------------------------------ tests
 README = REPO / "README.md"
+# The README, then the pages it links whose commands a user runs, in the README's order.
+PAGES = (
+    "README.md",
+    *(f"docs/{p}.md" for p in ("data", "cluster", "sweeps", "export", "serving", "training")),
+)
+
+
+def read_pages() -> dict[str, str]:
+    return {page: (REPO / page).read_text() for page in PAGES}
+
+
+def page_commands(pages: dict[str, str]) -> list[Command]:
+    """Every shell command of ``pages``, page by page."""
+    return [c for page, text in pages.items() for c in shell_commands(text, page)]
 
 
 def test_console_shapes_mask_what_differs_between_runs() -> None:
@@ -707,32 +727,43 @@ def test_the_parser_joins_continuations_drops_comments_and_splits_and_lists() ->
 
 
 def test_every_readme_shell_command_is_run_or_listed() -> None:
-    assert plan_problems(shell_commands(README.read_text())) == []
+    assert plan_problems(page_commands(read_pages())) == []
 
 
 def test_a_new_or_changed_command_is_neither_run_nor_listed_until_the_tables_say() -> None:
-    readme = README.read_text()
-    changed = (
-        readme.replace("ray up cluster/aws-gpu.yaml\n", "ray up cluster/aws-cpu.yaml\n").replace(
-            "--source /data/flowers", "--source /data/pets"
-        )
-        + "\n```bash\nray stop   # frees the machine\n```\n"
-    )
-    problems = "\n".join(plan_problems(shell_commands(changed)))
+    pages = read_pages()
+    changed = {
+        page: text.replace(
+            "ray up cluster/aws-gpu.yaml\n", "ray up cluster/aws-cpu.yaml\n"
+        ).replace("--source /data/flowers", "--source /data/pets")
+        for page, text in pages.items()
+    }
+    changed["docs/cluster.md"] += "\n```bash\nray stop   # frees the machine\n```\n"
+    problems = "\n".join(plan_problems(page_commands(changed)))
     assert "`ray up cluster/aws-cpu.yaml` is neither run" in problems
-    assert "SKIPPED lists `ray up cluster/aws-gpu.yaml`, which the README no longer has" in problems
-    assert "`ray stop` is neither run" in problems
+    assert (
+        "SKIPPED lists `ray up cluster/aws-gpu.yaml`, which the README and docs no longer have"
+        in problems
+    )
+    assert "docs/cluster.md line " in problems and "`ray stop` is neither run" in problems
     assert "SUBSTITUTIONS: no command the test runs has `/data/flowers`" in problems
     # The main job written another way (both places): the shared run no longer matches it.
-    other = readme.replace("python launch/train.py --num-workers 2", "python launch/train.py -h")
-    assert f"SHARED: the README no longer has `{MAIN_JOB}`" in plan_problems(shell_commands(other))
+    other = {
+        page: text.replace("python launch/train.py --num-workers 2", "python launch/train.py -h")
+        for page, text in pages.items()
+    }
+    assert f"SHARED: the README and docs no longer have `{MAIN_JOB}`" in plan_problems(
+        page_commands(other)
+    )
 
 
 def test_the_readme_states_what_its_tests_change_and_leave_out() -> None:
     block = re.search(
-        r"<!-- readme-tests:start -->\n(.*?)\n<!-- readme-tests:end -->", README.read_text(), re.S
+        r"<!-- readme-tests:start -->\n(.*?)\n<!-- readme-tests:end -->",
+        (REPO / "docs" / "development.md").read_text(),
+        re.S,
     )
-    assert block, "README lost its readme-tests markers"
+    assert block, "docs/development.md lost its readme-tests markers"
     assert block.group(1) == readme_tests_markdown(), "regenerate with readme_tests_markdown()"
 
 
@@ -749,7 +780,7 @@ def test_a_broken_readme_command_fails_naming_it(tmp_path: Path, digits_folder: 
     readme = README.read_text().replace(good, good.replace("workers", "workerz"), 1)
     line = next(n for n, text in enumerate(readme.splitlines(), 1) if "--num-workerz" in text)
     with pytest.raises(ReadmeCommandFailed) as failed:
-        run_readme(readme, user_shell(tmp_path, digits_folder))
+        run_readme(shell_commands(readme), user_shell(tmp_path, digits_folder))
     message = str(failed.value)
     assert message.startswith(
         f"README.md line {line} (Quick start): `python launch/train.py --num-workerz 2` exited 2"
@@ -762,7 +793,8 @@ def test_a_broken_readme_command_fails_naming_it(tmp_path: Path, digits_folder: 
 def test_readme_commands_run_as_a_user_runs_them(
     tmp_path: Path, digits_folder: Path, digits_run: tuple[Path, str]
 ) -> None:
-    readme = README.read_text()
+    pages = read_pages()
+    commands = page_commands(pages)
     # The user's working directory is the main job's: the quick start already ran there.
     cwd = digits_run[0].parents[1]
     make_user_files(cwd, digits_folder)
@@ -791,22 +823,20 @@ def test_readme_commands_run_as_a_user_runs_them(
         served_int8.append(export)
 
     try:
-        run_readme(readme, shell, while_serving=int8_matches_predict)
+        run_readme(commands, shell, while_serving=int8_matches_predict)
     finally:
         for typed, wall, cpu in shell.timings:
             print(f"{wall:6.1f} s wall {cpu:6.1f} s CPU  {typed}")
     # The README's sample consoles have the shape of today's: W&B is off here (its line aside),
     # and the sweep's one trial is the best (the sample's other rows aside).
-    quick_start = next(
-        c for c in shell_commands(readme) if c.section == "Quick start" and not skipped(c)
-    )
-    sweep = next(c for c in shell_commands(readme) if c.text.startswith("python launch/sweep.py"))
-    for section, command, aside in (
-        ("Quick start", quick_start, "W&B"),
-        ("Sweeps", sweep, r"^trial-\d+ (?!\*)|^-+ "),
+    quick_start = next(c for c in commands if c.section == "Quick start" and not skipped(c))
+    sweep = next(c for c in commands if c.text.startswith("python launch/sweep.py"))
+    for page, section, command, aside in (
+        ("README.md", "Quick start", quick_start, "W&B"),
+        ("docs/sweeps.md", "Sweeps", sweep, r"^trial-\d+ (?!\*)|^-+ "),
     ):
         console = shell.outputs[command.text]
-        missing = missing_lines(sample_output(readme, section), console, aside)
+        missing = missing_lines(sample_output(pages[page], section), console, aside)
         assert missing == [], f"{section}: the console has no line like these: {missing}\n{console}"
     cwd = shell.cwd
     run = cwd / "runs" / shell.values()["run"]

@@ -72,8 +72,8 @@ def test_an_unlistable_bucket_is_an_output_dir_error_with_or_without_a_name(
     """Review finding: without --name, naming the run listed the bucket outside the conversion
     of storage errors, so it exited 1 instead of 2 naming --output-dir."""
     from resnet18_dist import storage
-    from resnet18_dist.commands.common import plan_and_announce
     from resnet18_dist.config import RunConfig, TrainConfig
+    from resnet18_dist.launching.preflight import Checked
     from resnet18_dist.options import ConfigError
 
     def denied(uri: str) -> list[str]:  # a fault injected where the bucket would refuse
@@ -84,5 +84,5 @@ def test_an_unlistable_bucket_is_an_output_dir_error_with_or_without_a_name(
     for name in ("", "r1"):
         cfg = TrainConfig(run=RunConfig(output_dir="s3://bucket/runs", name=name))
         with pytest.raises(ConfigError) as err:
-            plan_and_announce(cfg)
+            Checked(cfg, wandb_mode="disabled").planned(use_gpu=False)
         assert err.value.option == "--output-dir" and "access denied" in str(err.value)

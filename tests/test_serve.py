@@ -682,7 +682,7 @@ def test_serve_config_matches_ray_serves_schema(exported: Path) -> None:
 # launcher's way: a State API call that names no Ray, asked from a task.
 SECOND_RAY = """
 import ray
-from resnet18_dist.integrations.ray_train import start_ray
+from resnet18_dist.launching.ray_cluster import start_ray
 
 assert start_ray(None)
 

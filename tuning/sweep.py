@@ -60,7 +60,7 @@ class TrialPlan:
 
 def plan_trials(cfg: SweepConfig, use_gpu: bool) -> TrialPlan:
     """Refuse (ConfigError, exit code 2) a sweep whose single trial cannot be placed."""
-    from resnet18_dist.integrations.ray_train import cluster_capacity
+    from resnet18_dist.launching.ray_cluster import cluster_capacity
 
     total, _per_node, gpus = cluster_capacity()
     cpw = cfg.run.cpus_per_worker or 1

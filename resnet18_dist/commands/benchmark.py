@@ -221,9 +221,9 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist benchmark") -
 
     import torch
 
-    from resnet18_dist.commands.common import check_data
     from resnet18_dist.config import RunConfig, TrainConfig
     from resnet18_dist.engine.runtime import TorchRuntime, available_cpus
+    from resnet18_dist.launching.preflight import check_data, check_paths
     from resnet18_dist.logs import setup_logging
     from resnet18_dist.machine import machine_description
 
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist benchmark") -
     probe.data.batch_size = opts.batch_size
     threads = opts.threads or available_cpus()
     # An unusable dataset or --amp is a ConfigError (exit code 2, commands.run).
+    check_paths(probe)
     check_data(probe, gpu_workers_possible=torch.cuda.is_available(), world_size=1)
     runtime = TorchRuntime(  # refuses an --amp this device cannot do
         RunConfig(

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
     except PredictError as exc:
         raise ConfigError("--model", str(exc)) from exc
 
-    from resnet18_dist.integrations.ray_train import start_ray
+    from resnet18_dist.launching.ray_cluster import start_ray
 
     private = start_ray(opts.address, verbose=opts.verbose)
     if private and not port_free(opts.host, opts.port):

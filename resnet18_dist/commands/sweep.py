@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from resnet18_dist.cli import build_parser, parse_options
@@ -28,10 +29,9 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     parser = build_parser(SweepConfig, __doc__, prog=prog)
     cfg = parse_options(SweepConfig, parser, argv)
 
-    from resnet18_dist.commands.common import check_data, refuse_remote_output
     from resnet18_dist.config import RESUME_THIS_RUN
-    from resnet18_dist.integrations import wandb as wandb_adapter
-    from resnet18_dist.integrations.ray_train import check_resources, require_train_v2, start_ray
+    from resnet18_dist.launching.preflight import preflight, refuse_remote_output
+    from resnet18_dist.launching.ray_cluster import check_resources, require_train_v2, start_ray
     from resnet18_dist.logs import setup_logging
     from resnet18_dist.run_location import RunLocation, unique_name
     from tuning.sweep import (
@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     # code 2, commands.run).
     require_train_v2()
     check_search(cfg)
-    wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
-    fixed = cfg.train_config()
-    check_data(fixed, gpu_workers_possible=True)
-    cfg.data.manifest_sha256 = fixed.data.manifest_sha256  # every trial copies this version
+    checked = preflight(cfg.train_config(), "sweep")
+    wandb_mode = checked.wandb_mode
+    # Every trial copies the dataset version pinned here.
+    cfg = replace(cfg, data=replace(cfg.data, manifest_sha256=checked.config.data.manifest_sha256))
     if cfg.run.resume not in (None, RESUME_THIS_RUN):
         raise ConfigError("--resume", "a sweep resumes itself: give --resume alone (or nothing)")
     if cfg.run.resume == RESUME_THIS_RUN and not (sweep_dir / SWEEP_CONFIG).is_file():

@@ -35,24 +35,17 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
     parser = build_parser(TrainConfig, __doc__, prog=prog)
     cfg = parse_options(TrainConfig, parser, argv)
 
-    from resnet18_dist.commands.common import check_data, plan_and_announce
     from resnet18_dist.engine.summary import format_report
-    from resnet18_dist.integrations import wandb as wandb_adapter
-    from resnet18_dist.integrations.ray_train import (
-        build_trainer,
-        check_resources,
-        require_train_v2,
-        start_ray,
-    )
+    from resnet18_dist.integrations.ray_train import build_trainer
+    from resnet18_dist.launching.preflight import preflight
+    from resnet18_dist.launching.ray_cluster import check_resources, require_train_v2, start_ray
     from resnet18_dist.logs import setup_logging
 
     setup_logging()
     # Everything that can be checked before a worker starts is checked here (a ConfigError:
-    # exit code 2, commands.run).
+    # exit code 2, commands.run); the run-name rule is only checked: --fresh moves later.
     require_train_v2()
-    wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
-    check_data(cfg, gpu_workers_possible=True)
-    plan_and_announce(cfg, dry_run=True)  # refuse before Ray starts; --fresh moves later
+    checked = preflight(cfg, "ray")
 
     # A private local Ray's processes start while this one loads torch and the TorchTrainer
     # (about two seconds of imports that would otherwise come before or after). When joining a
@@ -67,11 +60,12 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
         preload.start()
         start_ray(cfg.run.address, cfg.run.verbose)
         preload.join()
-    use_gpu = check_resources(cfg.run)
-    plan = plan_and_announce(cfg)  # the cluster can run it: now apply the run-name rule
+    # The cluster can run it: now apply the run-name rule.
+    launch = checked.planned(use_gpu=check_resources(cfg.run))
+    plan = launch.plan
     print(
         f"Ray Train: {cfg.run.num_workers} worker(s){' (elastic)' if cfg.run.elastic else ''}, "
-        f"{'GPU' if use_gpu else 'CPU'}, "
+        f"{'GPU' if launch.use_gpu else 'CPU'}, "
         f"placement {cfg.run.placement}, run directory {plan.run_dir}",
         flush=True,
     )
@@ -84,7 +78,9 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
         read_run_file,
     )
 
-    trainer = build_trainer(cfg, plan.run_dir, use_gpu, wandb_mode, plan.resume_from)
+    trainer = build_trainer(
+        launch.config, plan.run_dir, launch.use_gpu, launch.wandb_mode, plan.resume_from
+    )
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import NoReturn
 
 from resnet18_dist.cli import build_parser, parse_options
@@ -66,12 +67,12 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
 
     from accelerate.utils import broadcast_object_list
 
-    from resnet18_dist.commands.common import check_data, plan_and_announce, refuse_remote_output
     from resnet18_dist.engine.reporting import LocalReporter
     from resnet18_dist.engine.session import run_training
     from resnet18_dist.engine.summary import format_report
     from resnet18_dist.integrations import wandb as wandb_adapter
     from resnet18_dist.integrations.accelerate import AcceleratorRuntime, build_accelerator
+    from resnet18_dist.launching.preflight import preflight
     from resnet18_dist.logs import setup_logging
 
     setup_logging()
@@ -81,22 +82,18 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
     except ConfigError as exc:
         refuse_everywhere(parser, exc)
     # Rank 0 checks the options and applies the run-name rule (it may move a directory aside);
-    # every rank then writes into the run directory it decided and resumes from the same
-    # checkpoint, or leaves with rank 0's refusal: its exit code instead of the plan.
+    # every rank then trains with the launch it decided (the same run directory, checkpoint and
+    # dataset version), or leaves with rank 0's refusal: its exit code instead of the launch.
     decision: list = [None]
     if runtime.is_main:
         try:
             try:
-                wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
-                refuse_remote_output(cfg.run.output_dir, "the accelerate launcher")
-                if cfg.run.elastic:  # accelerate's process count is fixed by `accelerate launch`
-                    raise ConfigError("--num-workers", "MIN:MAX is for the Ray launcher")
-                check_data(
+                launch = preflight(
                     cfg,
+                    "accelerate",
                     gpu_workers_possible=runtime.device.type == "cuda",
                     world_size=runtime.world_size,
-                )
-                plan = plan_and_announce(cfg)
+                ).planned(use_gpu=runtime.device.type == "cuda")
             except ConfigError as exc:
                 parser.error(str(exc))
         except SystemExit as refused:  # parser.error has printed why; every rank exits so
@@ -104,36 +101,28 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
             on_stop_exit_with(code)
             decision = [code]
         else:
-            decision = [
-                (
-                    cfg.run.name,
-                    str(plan.run_dir),
-                    plan.resume_from,
-                    wandb_mode,
-                    cfg.data.manifest_sha256,  # a bucket's dataset: every rank copies this
-                )
-            ]
+            decision = [launch]
             print(
                 f"accelerate: {runtime.world_size} process(es), {accelerator.distributed_type}, "
                 f"device {runtime.device}, mixed precision {accelerator.mixed_precision}, "
-                f"run directory {plan.run_dir}",
+                f"run directory {launch.plan.run_dir}",
                 flush=True,
             )
     broadcast_object_list(decision, from_process=0)
     if isinstance(decision[0], int):
         exit_refused(decision[0], runtime.rank, runtime.world_size)
-    cfg.run.name, run_dir_text, resume_from, wandb_mode, cfg.data.manifest_sha256 = decision[0]
-    from pathlib import Path
-
-    run_dir = Path(run_dir_text)
+    launch = decision[0]
+    run_dir = Path(launch.plan.run_dir)
     try:
         report = run_training(
-            cfg,
+            launch.config,
             runtime,
             LocalReporter(run_dir, keep=cfg.run.keep_checkpoints, is_main=runtime.is_main),
             run_dir,
-            resume_from=resume_from,
-            extra_callbacks=wandb_adapter.wandb_callbacks(cfg, runtime, run_dir, wandb_mode),
+            resume_from=launch.plan.resume_from,
+            extra_callbacks=wandb_adapter.wandb_callbacks(
+                launch.config, runtime, run_dir, launch.wandb_mode
+            ),
         )
     finally:  # a DatasetError or CheckpointError: one line and exit code 1 (commands.run)
         runtime.shutdown()

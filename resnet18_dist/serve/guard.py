@@ -5,7 +5,7 @@ Ray Serve's proxy has no request-body limit: it reads each body as it arrives in
 its own, before any replica has the request (a queued request's body sits in the proxy), and
 passes it on when the replica asks. The replica enforces a limit here, which bounds what a
 replica reads, not what the proxy buffers: that needs a limit in front of the proxy (nginx
-``client_max_body_size``; see the README's serving section). Starlette has a
+``client_max_body_size``; see docs/serving.md). Starlette has a
 ``RequestBodyLimitMiddleware``, but it answers in plain text and rewrites any response to a
 request whose Content-Length is over the limit, so errors would not all be JSON; this
 middleware is the same 30 lines answering in JSON.
