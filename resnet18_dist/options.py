@@ -229,7 +229,10 @@ class Options:
     """Base of every option dataclass (decorate subclasses with ``@dataclass``).
 
     ``__post_init__`` checks every field against its metadata, then calls ``validate`` for the
-    rules that involve several fields or the file system.
+    rules that involve several fields. Neither looks at the file system: options are validated
+    again wherever they are read (a Ray worker, a sweep's trial), where a path given on the
+    driver's machine may not exist; a launcher checks paths once
+    (``launching/preflight.check_paths``).
     """
 
     yaml_sections: ClassVar[bool] = True  # how `--config` files of a sectioned class look

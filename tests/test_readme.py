@@ -673,10 +673,13 @@ def missing_lines(sample: list[str], output: str, optional: str = "") -> list[st
 
 # ------------------------------------------------------------------------------ tests
 README = REPO / "README.md"
-# The README, then the pages it links whose commands a user runs, in the README's order.
+# The README, then the pages of docs/: first those whose commands continue the README's (in the
+# README's order), then any other page (so a command added to one is run or listed too).
+FIRST_PAGES = ("data", "cluster", "sweeps", "export", "serving", "training")
 PAGES = (
     "README.md",
-    *(f"docs/{p}.md" for p in ("data", "cluster", "sweeps", "export", "serving", "training")),
+    *(f"docs/{p}.md" for p in FIRST_PAGES),
+    *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md") if p.stem not in FIRST_PAGES),
 )
 
 
@@ -724,6 +727,20 @@ def test_the_parser_joins_continuations_drops_comments_and_splits_and_lists() ->
         ),
         Command("curl -s http://127.0.0.1:8000/healthz", 15, "Serve", ('{"status":"ok"}',)),
     ]
+
+
+def test_every_relative_link_of_the_readme_and_docs_resolves() -> None:
+    """A link or picture of README.md or docs/*.md that names a file names one that exists
+    (the pages moved out of the README link back to it and to each other)."""
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", (REPO / page).read_text()):
+            if re.match(r"https?:|mailto:|#", target):
+                continue
+            path = (REPO / page).parent / target.split("#", 1)[0]
+            if not path.exists():
+                broken.append(f"{page}: {target}")
+    assert broken == []
 
 
 def test_every_readme_shell_command_is_run_or_listed() -> None:

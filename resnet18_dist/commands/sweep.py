@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     cfg = parse_options(SweepConfig, parser, argv)
 
     from resnet18_dist.config import RESUME_THIS_RUN
-    from resnet18_dist.launching.preflight import preflight, refuse_remote_output
+    from resnet18_dist.launching.preflight import preflight
     from resnet18_dist.launching.ray_cluster import check_resources, require_train_v2, start_ray
     from resnet18_dist.logs import setup_logging
     from resnet18_dist.run_location import RunLocation, unique_name
@@ -46,21 +46,26 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
 
     setup_logging()
     started = time.time()
-    # Tune's trials write their run directories through our local file layout.
-    refuse_remote_output(cfg.run.output_dir, "a sweep")
-    if not cfg.run.name:  # a timestamp; a second sweep in the same second gets a suffix
-        base = default_sweep_name()
-        cfg.run.name = unique_name(RunLocation.of(cfg.run.output_dir, base), base)
-    sweep = RunLocation.of(cfg.run.output_dir, cfg.run.name)
-    sweep_dir = Path(sweep.path)
     # Everything that can be checked before Ray starts is checked here (a ConfigError: exit
-    # code 2, commands.run).
-    require_train_v2()
+    # code 2, commands.run). The preflight refuses a bucket as --output-dir: Tune's trials
+    # write their run directories through our local file layout.
     check_search(cfg)
     checked = preflight(cfg.train_config(), "sweep")
     wandb_mode = checked.wandb_mode
-    # Every trial copies the dataset version pinned here.
-    cfg = replace(cfg, data=replace(cfg.data, manifest_sha256=checked.config.data.manifest_sha256))
+    require_train_v2()
+    # Every trial copies the dataset version pinned here, and the sweep gets its name (a
+    # timestamp; a second sweep in the same second gets a suffix).
+    name = cfg.run.name
+    if not name:
+        base = default_sweep_name()
+        name = unique_name(RunLocation.of(cfg.run.output_dir, base), base)
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, manifest_sha256=checked.config.data.manifest_sha256),
+        run=replace(cfg.run, name=name),
+    )
+    sweep = RunLocation.of(cfg.run.output_dir, cfg.run.name)
+    sweep_dir = Path(sweep.path)
     if cfg.run.resume not in (None, RESUME_THIS_RUN):
         raise ConfigError("--resume", "a sweep resumes itself: give --resume alone (or nothing)")
     if cfg.run.resume == RESUME_THIS_RUN and not (sweep_dir / SWEEP_CONFIG).is_file():

@@ -68,7 +68,9 @@ class Checked:
 @dataclass(frozen=True)
 class Launch:
     """A launcher's decisions, handed to the workers as they are: the options (with the run's
-    name and the checkpoint to resume), where the run goes, the W&B mode, the device."""
+    name and the checkpoint to resume), where the run goes, the W&B mode, the device. The
+    options are this launch's own copy, never the command line's; nothing changes them after
+    ``planned`` (a frozen dataclass cannot make its fields' own fields read-only)."""
 
     config: TrainConfig
     plan: RunPlan

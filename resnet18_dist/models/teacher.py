@@ -38,7 +38,10 @@ def load_teacher(cfg: DistillConfig, classes: list[str]) -> tuple[nn.Module, dic
     elif cfg.teacher in TORCHVISION_TEACHERS:
         import torchvision
 
-        assert cfg.teacher_weights is not None
+        if cfg.teacher_weights is None:  # a launcher's preflight refuses this before any worker
+            raise CheckpointError(
+                f"a torchvision teacher ({cfg.teacher}) needs its weights: --teacher-weights"
+            )
         weights = read_weights(cfg.teacher_weights, cfg.teacher)
         head = weights.get("fc.weight")
         if head is None:
@@ -51,8 +54,11 @@ def load_teacher(cfg: DistillConfig, classes: list[str]) -> tuple[nn.Module, dic
         model = torchvision.models.get_model(cfg.teacher, weights=None, num_classes=len(classes))
         model.load_state_dict(weights)
         info = {"kind": "torchvision", "arch": cfg.teacher, "weights": cfg.teacher_weights}
-    else:  # DistillConfig validation already rejects this
-        raise CheckpointError(f"unknown teacher {cfg.teacher!r}")
+    else:  # a launcher's preflight (launching/preflight.check_paths) refuses this first
+        raise CheckpointError(
+            f"teacher {cfg.teacher!r} is neither a checkpoint / run directory nor one of "
+            f"{', '.join(TORCHVISION_TEACHERS)}"
+        )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
