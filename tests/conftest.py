@@ -191,8 +191,8 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def digits_export(
     digits_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict]:
-    """The main job's run exported (model.pt, ONNX FP32 and INT8, report), measured briefly;
-    (the export directory, the export's report)."""
+    """The main job's run exported (model.pt, ONNX FP32 and INT8, a Triton repository, report),
+    measured briefly; (the export directory, the export's report)."""
     from resnet18_dist.export.pipeline import ExportOptions, export_artifacts
 
     out = tmp_path_factory.mktemp("main-export") / "digits"
@@ -204,6 +204,7 @@ def digits_export(
             latency_iters=EXPORT_LATENCY_ITERS,
             throughput_seconds=0.5,
             tensorrt=True,
+            triton=True,
             wandb_mode="disabled",
             quiet=True,
         )

@@ -376,3 +376,98 @@ def test_a_line_printed_before_the_child_is_ready_is_no_hang(
     with pytest.raises(RuntimeError) as err:
         measure("onnx_fp32", bad, tmp_path / "model.pt", images, images, opts, timeout_s=120)
     assert str(err.value).startswith("measuring model.onnx failed (exit code 1):"), err.value
+
+
+# ------------------------------------------------------------------------------ Triton
+def triton_model_config(text: str):
+    """``text`` parsed as Triton parses config.pbtxt: into Triton's own ModelConfig message
+    (strict: a field the schema lacks, or a value of the wrong type, raises). The generated
+    schema module is loaded from tritonclient's file directly: its package's grpc/__init__
+    imports grpcio's client stubs, which parsing does not need."""
+    import importlib.util
+
+    import tritonclient
+    from google.protobuf import text_format
+
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    assert spec is not None and spec.loader is not None
+    schema = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(schema)
+    return text_format.Parse(text, schema.ModelConfig()), schema
+
+
+def test_a_triton_config_parses_with_tritons_schema_and_says_what_the_model_is() -> None:
+    from resnet18_dist.export.triton import render_config
+
+    meta = ExportMeta(
+        classes=['say "cheese"', "b\\c", "d"],  # quotes and backslashes survive the text format
+        image_size=24,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        model_spec={},
+        source_checkpoint="runs/x",
+    )
+    config, schema = triton_model_config(render_config(meta, "digits-v2", 16, 250))
+    assert (config.name, config.platform, config.max_batch_size) == (
+        "digits-v2",
+        "onnxruntime_onnx",
+        16,
+    )
+    [inp], [out] = config.input, config.output
+    assert (inp.name, list(inp.dims), inp.data_type) == ("input", [3, 24, 24], schema.TYPE_FP32)
+    assert inp.format == schema.ModelInput.FORMAT_NCHW
+    assert (out.name, list(out.dims), out.label_filename) == ("logits", [3], "labels.txt")
+    assert config.dynamic_batching.max_queue_delay_microseconds == 250
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert json.loads(params["classes"]) == meta.classes
+    assert json.loads(params["mean"]) == [0.5] * 3 and params["image_size"] == "24"
+    with pytest.raises(Exception, match="max_batch"):  # the parser is strict: it can fail
+        triton_model_config("max_batch: 4\n")
+
+
+def test_a_triton_name_that_is_no_directory_name_is_refused() -> None:
+    from resnet18_dist.options import ConfigError
+
+    for bad in ("../up", "", "a/b", ".hidden"):
+        with pytest.raises(ConfigError, match="--triton-name"):
+            ExportOptions(checkpoint="runs/x", out="exports/x", triton_name=bad)
+
+
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
+def test_the_triton_repository_holds_the_onnx_model_its_config_describes(
+    exported: tuple[Path, dict],
+) -> None:
+    out, report = exported
+    model_dir = out / report["triton"]["model_dir"]
+    assert model_dir == out / "triton" / "resnet18"
+    config, schema = triton_model_config((model_dir / "config.pbtxt").read_text())
+    onnx_file = model_dir / "1" / "model.onnx"
+    assert onnx_file.read_bytes() == (out / "model.onnx").read_bytes()
+    assert config.name == model_dir.name and config.max_batch_size == 64
+    # The config's input and output are the ONNX graph's, batch dimension aside.
+    graph = onnx.load(str(onnx_file)).graph
+    [g_in], [g_out] = graph.input, graph.output
+
+    def shape(value) -> list[int]:
+        return [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
+
+    [inp], [outp] = config.input, config.output
+    assert (inp.name, list(inp.dims)) == (g_in.name, shape(g_in))
+    assert (outp.name, list(outp.dims)) == (g_out.name, shape(g_out))
+    assert (
+        g_in.type.tensor_type.elem_type
+        == onnx.TensorProto.FLOAT
+        == g_out.type.tensor_type.elem_type
+    )
+    assert inp.data_type == schema.TYPE_FP32 == outp.data_type
+    meta = read_metadata(out / "model.onnx")
+    assert (model_dir / outp.label_filename).read_text().splitlines() == meta.classes
+    assert config.parameters["image_size"].string_value == str(meta.image_size)
+    # A batch of max_batch_size, as Triton would send it, runs in ONNX Runtime.
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    batch = np.zeros((config.max_batch_size, *inp.dims), dtype=np.float32)
+    (logits,) = session.run([outp.name], {inp.name: batch})
+    assert logits.shape == (config.max_batch_size, *outp.dims)
+    assert "Triton model repository: `triton/resnet18`" in (out / "report.md").read_text()

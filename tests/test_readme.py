@@ -866,5 +866,6 @@ def test_readme_commands_run_as_a_user_runs_them(
         assert (cwd / "sweeps" / "s1" / name).is_file(), name
     for name in ("model.pt", "model.onnx", "model.int8.onnx", "report.json", "report.md"):
         assert (cwd / "exports" / run.name / name).is_file(), name
+    assert (cwd / "exports" / run.name / "triton" / "resnet18" / "config.pbtxt").is_file()
     assert (cwd / "compare.png").is_file()
     assert served_int8 == [cwd / "exports" / run.name]  # the INT8 server was checked

@@ -44,6 +44,8 @@ from resnet18_dist.export.quantize import (
 )
 from resnet18_dist.export.report import render_markdown
 from resnet18_dist.export.tensorrt import build_engine, tensorrt_unavailable_reason
+from resnet18_dist.export.triton import MODEL_NAME as TRITON_MODEL_NAME
+from resnet18_dist.export.triton import TRITON_DIR, write_model_repository
 from resnet18_dist.machine import machine_description
 from resnet18_dist.metrics import ClassificationMetrics
 from resnet18_dist.model_meta import (
@@ -56,7 +58,7 @@ from resnet18_dist.model_meta import (
     MODEL_TRT,
 )
 from resnet18_dist.models.model_file import save_model_pt
-from resnet18_dist.options import Options, opt
+from resnet18_dist.options import Options, check, opt
 from resnet18_dist.output_dir import check_output_dir
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,15 @@ class ExportOptions(Options):
         ge=0,
     )
     tensorrt: bool = opt(True, "Build a TensorRT engine when CUDA and tensorrt are present.")
+    triton: bool = opt(
+        False,
+        "Also write a Triton Inference Server model repository: triton/NAME/1/model.onnx (the "
+        "FP32 ONNX model), triton/NAME/config.pbtxt and triton/NAME/labels.txt.",
+    )
+    triton_name: str = opt("resnet18", "The model's name in the Triton repository.")
+    triton_max_batch_size: int = opt(
+        64, "The Triton model's max_batch_size (dynamic batching up to it).", ge=1
+    )
     wandb_mode: str = opt(
         "auto",
         "Log the report table and the ONNX files to W&B (job_type export). auto = online with "
@@ -140,6 +151,12 @@ class ExportOptions(Options):
     quiet: bool = opt(False, "Less output.")
 
     def validate(self) -> None:
+        check(
+            bool(TRITON_MODEL_NAME.fullmatch(self.triton_name)),
+            "triton_name",
+            f"must be letters, digits, '_', '.' and '-', not starting with '.' or '-' "
+            f"(got {self.triton_name!r})",
+        )
         if self.threads is None:
             self.threads = os.cpu_count() or 1
 
@@ -280,6 +297,20 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
         artifacts.append(
             ("PyTorch dynamic INT8 (Linear only)", "torch_dynamic_int8", stage / MODEL_DYNAMIC_PT)
         )
+        triton = None
+        if opts.triton:
+            with _step("Triton model repository"):
+                model_dir = write_model_repository(
+                    stage / MODEL_ONNX,
+                    meta,
+                    stage / TRITON_DIR,
+                    opts.triton_name,
+                    opts.triton_max_batch_size,
+                )
+            triton = {
+                "model_dir": model_dir.relative_to(stage).as_posix(),
+                "max_batch_size": opts.triton_max_batch_size,
+            }
         trt_note = None
         if opts.tensorrt:
             trt_note = tensorrt_unavailable_reason()
@@ -363,6 +394,7 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
             "machine": machine_description(opts.threads),
             "threads": opts.threads,
             "tensorrt": trt_note or "built",
+            "triton": triton,
             "checks": checks,
             "rows": rows,
             "seconds": time.perf_counter() - start,

@@ -17,6 +17,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['calibration_method']}, reduce_range {report['reduce_range']}",
         f"- machine: {report['machine']}",
         f"- TensorRT: {report['tensorrt']}",
+        "- Triton model repository: "
+        + (
+            f"`{report['triton']['model_dir']}` (FP32 ONNX, max_batch_size "
+            f"{report['triton']['max_batch_size']}, dynamic batching)"
+            if report.get("triton")
+            else "not written (--triton)"
+        ),
         "",
         "| artifact | file | size | vs ONNX FP32 | top-1 | top-5 | macro-F1 | agrees w/ FP32 "
         "| max rel err | p50 ms (b=1) | p95 ms (b=1) | img/s (b=64) | peak RSS MB | model MB |",
