@@ -513,6 +513,46 @@ def test_strict_validation_catches_misspelt_fields() -> None:
     assert "nvidia.com/gpu" in str(cluster) and validate_strictly(cluster) == []
 
 
+def test_rayservice_matches_the_crd_strictly_and_serves_the_endpoint() -> None:
+    """cluster/kuberay/rayservice.yaml: the RayService CRD, strictly; its serveConfigV2 is a
+    Ray Serve config (Serve's own schema) of our application, whose args pass launch/serve.py's
+    option rules; the files they name are mounted in every pod that may run a replica."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from resnet18_dist.serve.options import ServeOptions
+
+    (doc,) = ray_docs("rayservice.yaml")
+    assert doc["kind"] == "RayService" and validate_strictly(doc) == []
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
+    spec = doc["spec"]["rayClusterConfig"]
+    assert spec["rayVersion"] == build_args(DOCKERFILES["cpu"])["RAY_VERSION"]
+    assert spec["authOptions"] == {"mode": "token", "secretName": "resnet18-dist-ray-auth"}
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    # Inside a pod Serve must listen beyond loopback for KubeRay's Service to reach it; which
+    # Service type exposes it is KubeRay's (ClusterIP unless spec.serveService says otherwise).
+    assert (config.http_options.host, config.http_options.port) == ("0.0.0.0", 8000)
+    assert "serveService" not in doc["spec"]
+    (app,) = config.applications
+    assert app.import_path == "resnet18_dist.serve.app:build_app"
+    opts = ServeOptions.from_dict(dict(app.args), "args")
+    assert opts.api_key_file, "the endpoint keeps its bearer token"
+    claim = load_yaml(KUBERAY / "shared-pvc.yaml")["metadata"]["name"]
+    for group, template in pod_templates(spec):
+        (container,) = template["spec"]["containers"]
+        assert container["image"] == CPU_IMAGE, group
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        mounted = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+        model_mount = next(p for p in mounted if str(opts.model).startswith(p + "/"))
+        assert mounted[model_mount]["persistentVolumeClaim"]["claimName"] == claim, group
+        key_dir, key_name = str(opts.api_key_file).rsplit("/", 1)
+        secret = mounted[key_dir]["secret"]
+        assert [i["path"] for i in secret["items"]] == [key_name], group
+    # The strict pass is not a formality for this kind either.
+    typo = copy.deepcopy(doc)
+    typo["spec"]["serveConfig"] = typo["spec"].pop("serveConfigV2")
+    assert validate_strictly(typo) == ["spec.serveConfig: not a field of RayService"]
+
+
 @pytest.mark.parametrize("name", KUBERAY_MANIFESTS)
 def test_kuberay_manifest_runs_the_project_on_gpus(name: str) -> None:
     (doc,) = ray_docs(name)

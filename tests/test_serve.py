@@ -214,6 +214,72 @@ def test_batch_endpoint_matches_predict_and_batches(
 
 
 # ------------------------------------------------------------------------------ 2. bad requests
+def test_the_openapi_document_describes_the_routes_and_their_real_answers(
+    server: Server, digits_folder: Path
+) -> None:
+    """/openapi.json lists every route with its request body and answers; real answers of the
+    running server (a classification, a batch, the model, an error) validate against the
+    schemas it publishes; /docs serves the browsable page; both need no token."""
+    import jsonschema
+
+    doc = requests.get(server.url + "/openapi.json", timeout=30)
+    assert doc.status_code == 200, doc.text
+    spec = doc.json()
+    methods = {path: set(ops) for path, ops in spec["paths"].items()}
+    assert methods == {
+        "/healthz": {"get"},
+        "/v1/model": {"get"},
+        "/v1/classify": {"post"},
+        "/v1/classify/batch": {"post"},
+    }
+    one = spec["paths"]["/v1/classify"]["post"]
+    assert set(one["requestBody"]["content"]) == {"image/jpeg", "image/png", "multipart/form-data"}
+    assert [q["name"] for q in one["parameters"]] == ["top_k"]
+    assert {"400", "401", "413", "415", "503"} <= set(one["responses"])
+    assert set(spec["paths"]["/v1/classify/batch"]["post"]["requestBody"]["content"]) == {
+        "multipart/form-data"
+    }
+    assert any("HTTPBearer" in s for s in one["security"][0])
+
+    def answers(path: str, method: str, status: str) -> dict:
+        """The published JSON schema of ``path``'s answer with ``status``."""
+        content = spec["paths"][path][method]["responses"][status]["content"]
+        return {**content["application/json"]["schema"], "components": spec["components"]}
+
+    def check(body: dict, schema: dict) -> None:
+        jsonschema.validate(body, schema, cls=jsonschema.Draft202012Validator)
+
+    f = digit_files(digits_folder, per_class=1)[3]
+    r = requests.post(
+        server.url + "/v1/classify?top_k=2",
+        data=f.read_bytes(),
+        headers={**AUTH, "Content-Type": "image/jpeg"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    check(r.json(), answers("/v1/classify", "post", "200"))
+    files = [("images", (g.name, g.read_bytes(), "image/jpeg")) for g in [f, f]]
+    r = requests.post(server.url + "/v1/classify/batch", files=files, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    check(r.json(), answers("/v1/classify/batch", "post", "200"))
+    r = requests.get(server.url + "/v1/model", headers=AUTH, timeout=30)
+    check(r.json(), answers("/v1/model", "get", "200"))
+    check(
+        requests.get(server.url + "/healthz", timeout=30).json(), answers("/healthz", "get", "200")
+    )
+    r = requests.post(server.url + "/v1/classify", data=b"x", timeout=30)  # no token
+    assert r.status_code == 401
+    check(r.json(), answers("/v1/classify", "post", "401"))
+    # The schema can fail: an answer without its predictions does not validate.
+    with pytest.raises(jsonschema.ValidationError):
+        check(
+            {"model": "m", "artifact": "fp32", "version": "v"},
+            answers("/v1/classify", "post", "200"),
+        )
+    page = requests.get(server.url + "/docs", timeout=30)
+    assert page.status_code == 200 and "swagger" in page.text.lower()
+
+
 def png_bytes(size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     Image.effect_noise(size, 60).convert("RGB").save(buf, "PNG")  # noise: no tiny IDAT

@@ -12,8 +12,9 @@ Concurrent requests on a replica are gathered by ``@serve.batch`` into one ONNX 
 (``import_path: resnet18_dist.serve.app:build_app``) use.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations
+# (`request: Request`) at run time, and the string annotations of a bound method are not
+# resolved, so each route took `request` for a required query parameter (a 422 for every call).
 import asyncio
 import hashlib
 import os
@@ -21,15 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import Depends, FastAPI
+from fastapi.security import HTTPBearer
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
-from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from resnet18_dist.options import ConfigError
 from resnet18_dist.serve.classifier import (
@@ -40,6 +41,14 @@ from resnet18_dist.serve.classifier import (
 )
 from resnet18_dist.serve.guard import ApiError, RequestGuard, check_bearer, error_response
 from resnet18_dist.serve.options import ServeOptions, read_api_key
+from resnet18_dist.serve.schema import (
+    BatchClassified,
+    Classified,
+    Health,
+    ModelInfo,
+    errors,
+    image_request,
+)
 
 IMAGE_TYPES = ("image/jpeg", "image/png")
 FORMATS = ("JPEG", "PNG")
@@ -118,7 +127,7 @@ class ClassifierDeployment:
         ctx = serve.get_replica_context()
         self.replica = {"id": ctx.replica_id.unique_id, "pid": os.getpid()}
 
-    def __serve_build_asgi_app__(self) -> Starlette:
+    def __serve_build_asgi_app__(self) -> FastAPI:
         async def api_error(_: Request, exc: Exception) -> JSONResponse:
             assert isinstance(exc, ApiError)
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
@@ -132,13 +141,18 @@ class ClassifierDeployment:
         async def server_error(_: Request, exc: Exception) -> JSONResponse:
             return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
-        return Starlette(
-            routes=[
-                Route("/healthz", self.healthz, methods=["GET"]),
-                Route("/v1/model", self.model_info, methods=["GET"]),
-                Route("/v1/classify", self.classify, methods=["POST"]),
-                Route("/v1/classify/batch", self.classify_batch, methods=["POST"]),
-            ],
+        # FastAPI for its OpenAPI document (/openapi.json, /docs); the routes still read the
+        # request themselves (the body cap, media types and pixel budget need the raw body),
+        # so the schema models describe their answers rather than parse them.
+        app = FastAPI(
+            title="resnet18-dist classifier",
+            version=self.version,
+            description=(
+                f"Image classification with the export {self.name!r} ({self.opts.artifact}). "
+                "Errors are JSON: {error, status, detail}. With --api-key-file, /v1/* routes "
+                "need `Authorization: Bearer <token>`."
+            ),
+            redoc_url=None,
             middleware=[
                 Middleware(
                     RequestGuard, max_body_bytes=self.opts.max_body_bytes, metrics=self.metrics
@@ -150,6 +164,40 @@ class ClassifierDeployment:
                 Exception: server_error,
             },
         )
+        # Documents the bearer token; check_bearer in each route enforces it (or not, without
+        # --api-key-file), with our JSON error instead of FastAPI's.
+        bearer = [Depends(HTTPBearer(auto_error=False))]
+        app.add_api_route("/healthz", self.healthz, methods=["GET"], response_model=Health)
+        app.add_api_route(
+            "/v1/model",
+            self.model_info,
+            methods=["GET"],
+            response_model=ModelInfo,
+            responses=errors(401),
+            dependencies=bearer,
+            summary="The model: classes, input size, normalisation, batching",
+        )
+        app.add_api_route(
+            "/v1/classify",
+            self.classify,
+            methods=["POST"],
+            response_model=Classified,
+            responses=errors(400, 401, 413, 415, 503),
+            dependencies=bearer,
+            openapi_extra=image_request("image", many=False),
+            summary="Classify one image (a JPEG or PNG body, or one file in a form)",
+        )
+        app.add_api_route(
+            "/v1/classify/batch",
+            self.classify_batch,
+            methods=["POST"],
+            response_model=BatchClassified,
+            responses=errors(400, 401, 413, 415, 503),
+            dependencies=bearer,
+            openapi_extra=image_request("images", many=True),
+            summary="Classify up to --max-images image files of one multipart form",
+        )
+        return app
 
     # ------------------------------------------------------------------ routes
     async def healthz(self, request: Request) -> JSONResponse:
