@@ -84,3 +84,28 @@ def test_tensorrt_engine_is_built_verified_and_measured(small_run: Path, tmp_pat
     row = next(r for r in report["rows"] if r["kind"] == "tensorrt")
     assert row["top1_agreement_vs_fp32"] >= 0.99  # FP16 engine agrees with the FP32 model
     assert row["throughput_images_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray  # the main job (tests/conftest.py)
+def test_predict_on_the_gpu_gives_the_cpu_answers(
+    digits_export: tuple[Path, dict], digits_folder: Path
+) -> None:
+    """`predict --device cuda` (ONNX Runtime's CUDA provider) answers as on the CPU."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has no CUDA provider (install onnxruntime-gpu)")
+    from resnet18_dist.serve.classifier import OnnxClassifier
+
+    files = [sorted(d.iterdir())[0] for d in sorted(digits_folder.iterdir())]
+    export = digits_export[0]
+    cpu = OnnxClassifier.load(export, device="cpu")
+    gpu = OnnxClassifier.load(export, device="cuda")
+    assert gpu.session.get_providers()[0] == "CUDAExecutionProvider"
+    from PIL import Image
+
+    images = [Image.open(f) for f in files]
+    import numpy as np
+
+    np.testing.assert_allclose(gpu.probabilities(images), cpu.probabilities(images), atol=1e-4)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 import yaml
 from PIL import Image
 
@@ -705,6 +706,31 @@ def test_incomplete_export_and_bad_options_exit_2(tmp_path: Path, exported: Path
         proc = launch("serve", "--model", str(exported), *args, timeout=120)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a cluster without GPUs")
+def test_device_cuda_without_a_gpu_exits_2_naming_it(exported: Path, tmp_path: Path) -> None:
+    """`serve --device cuda` on a Ray cluster without GPUs is refused before any replica
+    starts (a replica asking for a GPU would wait forever); `predict --device cuda` with an
+    ONNX Runtime that has no CUDA provider (this one) is refused the same way."""
+    from resnet18_dist.serve.app import deployment_options
+    from resnet18_dist.serve.options import ServeOptions
+
+    proc = launch("serve", "--model", str(exported), "--device", "cuda", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--device: cuda: the Ray cluster has no GPU" in proc.stderr, proc.stderr[-2000:]
+    f = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(f)
+    proc = launch("predict", "--model", str(exported), "--device", "cuda", str(f), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--device: cuda: this ONNX Runtime has no CUDA provider" in proc.stderr
+    # On a GPU cluster each replica asks Ray for one GPU, a cpu replica for none.
+    cuda = deployment_options(ServeOptions(model=str(exported), device="cuda"))
+    assert cuda["ray_actor_options"]["num_gpus"] == 1
+    cpu = deployment_options(ServeOptions(model=str(exported)))
+    assert cpu["ray_actor_options"]["num_gpus"] == 0
 
 
 # ------------------------------------------------------------------------------ config file

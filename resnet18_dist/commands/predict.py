@@ -30,16 +30,26 @@ class PredictOptions(Options):
     top_k: int = opt(5, "Classes to print per image.", ge=1)
     int8: bool = opt(False, "Use model.int8.onnx.")
     threads: int = opt(0, "Intra-op threads (0 = ONNX Runtime's default).", ge=0)
+    device: str = opt(
+        "cpu",
+        "Run the model on the CPU, or on a CUDA GPU (ONNX Runtime's CUDA provider: "
+        "onnxruntime-gpu).",
+        choices=("cpu", "cuda"),
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "resnet18-dist predict") -> int:
     parser = build_parser(PredictOptions, __doc__, prog=prog, config_file=False)
     opts = parse_options(PredictOptions, parser, argv)
 
-    from resnet18_dist.serve.classifier import OnnxClassifier, PredictError
+    from resnet18_dist.serve.classifier import DeviceError, OnnxClassifier, PredictError
 
     try:
-        clf = OnnxClassifier.load(str(opts.model), int8=opts.int8, threads=opts.threads)
+        clf = OnnxClassifier.load(
+            str(opts.model), int8=opts.int8, threads=opts.threads, device=opts.device
+        )
+    except DeviceError as exc:  # an option error (exit code 2)
+        raise ConfigError("--device", str(exc)) from exc
     except PredictError as exc:  # the model, not an image: an option error (exit code 2)
         raise ConfigError("--model", str(exc)) from exc
     failed = 0

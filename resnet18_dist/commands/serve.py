@@ -47,6 +47,16 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
     from resnet18_dist.launching.ray_cluster import start_ray
 
     private = start_ray(opts.address, verbose=opts.verbose)
+    if opts.device == "cuda":
+        # The replicas' nodes, not this one, need the GPU (and onnxruntime-gpu, which each
+        # replica checks as it loads the model).
+        from resnet18_dist.launching.ray_cluster import cluster_capacity
+
+        _, _, gpus = cluster_capacity()
+        if gpus < 1:
+            raise ConfigError(
+                "--device", "cuda: the Ray cluster has no GPU; serve with --device cpu"
+            )
     if private and not port_free(opts.host, opts.port):
         # The proxy of a Ray started here runs on this machine: a taken port would only show
         # as a proxy that never becomes healthy.

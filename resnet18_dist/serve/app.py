@@ -117,7 +117,10 @@ class ClassifierDeployment:
         self.opts = ServeOptions.from_dict(options)
         self.token = read_api_key(self.opts.api_key_file) if self.opts.api_key_file else None
         self.clf = OnnxClassifier.load(
-            self.opts.model_file(), int8=self.opts.int8, threads=self.opts.ort_threads()
+            self.opts.model_file(),
+            int8=self.opts.int8,
+            threads=self.opts.ort_threads(),
+            device=self.opts.device,
         )
         self.version = file_version(self.opts.model_file())
         self.name = Path(str(self.opts.model)).resolve().name
@@ -346,7 +349,11 @@ class ClassifierDeployment:
 def deployment_options(opts: ServeOptions) -> dict[str, Any]:
     """Replica count or autoscaling, resources and back-pressure for ``Deployment.options``."""
     out: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": opts.cpus_per_replica},
+        "ray_actor_options": {
+            "num_cpus": opts.cpus_per_replica,
+            # Ray places a cuda replica on a node with a free GPU and sets its CUDA_VISIBLE_DEVICES.
+            "num_gpus": 1 if opts.device == "cuda" else 0,
+        },
         "max_ongoing_requests": opts.max_ongoing_requests,
         "max_queued_requests": opts.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": 1},

@@ -25,6 +25,29 @@ class ImageTooLargeError(PredictError):
     """An input image declaring more pixels than allowed (a decompression bomb, or a limit)."""
 
 
+class DeviceError(PredictError):
+    """The device asked for (--device) cannot run the model here."""
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def providers_for(device: str) -> list[str]:
+    """ONNX Runtime's execution providers for ``device``: CUDA first (CPU for any operator it
+    does not take), when this ONNX Runtime has it (the onnxruntime-gpu build); else DeviceError."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise DeviceError(
+            f"cuda: this ONNX Runtime has no CUDA provider (it has {', '.join(available)}); "
+            "install onnxruntime-gpu on a machine with a CUDA GPU, or use --device cpu"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 class OnnxClassifier:
     def __init__(self, session: object, meta: ExportMeta, path: Path) -> None:
         self.session = session
@@ -34,7 +57,9 @@ class OnnxClassifier:
         self.std = np.asarray(meta.std, np.float32).reshape(1, 3, 1, 1)
 
     @classmethod
-    def load(cls, model: str | Path, int8: bool = False, threads: int = 0) -> OnnxClassifier:
+    def load(
+        cls, model: str | Path, int8: bool = False, threads: int = 0, device: str = "cpu"
+    ) -> OnnxClassifier:
         import onnxruntime as ort
 
         path = Path(model)
@@ -42,15 +67,23 @@ class OnnxClassifier:
             path = path / (MODEL_INT8_ONNX if int8 else MODEL_ONNX)
         if not path.is_file():
             raise PredictError(f"{path}: no such model file")
+        providers = providers_for(device)
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
         try:
-            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), so, providers=providers)
             props = session.get_modelmeta().custom_metadata_map
             meta = ExportMeta.from_props(props)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise PredictError(f"{path}: not a resnet18-dist ONNX model ({exc})") from exc
+        if session.get_providers()[0] != providers[0]:
+            # ONNX Runtime falls back to the CPU by itself when CUDA cannot start (no GPU, no
+            # matching CUDA libraries): asked for the GPU, that is an error, not a slow answer.
+            raise DeviceError(
+                f"cuda: ONNX Runtime could not start its CUDA provider here (it runs "
+                f"{', '.join(session.get_providers())}); see its log above, or use --device cpu"
+            )
         return cls(session, meta, path)
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:

@@ -31,6 +31,12 @@ class ServeOptions(Options):
         metavar="MIN:MAX",
     )
     cpus_per_replica: float = opt(1.0, "CPUs Ray reserves for each replica.", gt=0)
+    device: str = opt(
+        "cpu",
+        "Run each replica's model on the CPU, or on a CUDA GPU (one GPU per replica; ONNX "
+        "Runtime's CUDA provider: onnxruntime-gpu on the replicas' nodes).",
+        choices=("cpu", "cuda"),
+    )
     threads: int = opt(
         0, "ONNX Runtime intra-op threads per replica (0 = CPUs per replica, at least 1).", ge=0
     )
