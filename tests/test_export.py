@@ -401,7 +401,8 @@ def test_a_triton_config_parses_with_tritons_schema_and_says_what_the_model_is()
     from resnet18_dist.export.triton import render_config
 
     meta = ExportMeta(
-        classes=['say "cheese"', "b\\c", "d"],  # quotes and backslashes survive the text format
+        # quotes, backslashes and a character beyond the BMP survive the text format
+        classes=['say "cheese"', "b\\c", "d\U0001f600"],
         image_size=24,
         mean=(0.5, 0.5, 0.5),
         std=(0.25, 0.25, 0.25),

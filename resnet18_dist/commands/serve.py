@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
     parser = build_parser(ServeOptions, __doc__, prog=prog, config_file=False)
     opts = parse_options(ServeOptions, parser, argv)
     opts.check_files()  # a ConfigError: exit code 2 (commands.run)
-    from resnet18_dist.serve.classifier import OnnxClassifier, PredictError
+    from resnet18_dist.serve.classifier import (
+        DeviceError,
+        OnnxClassifier,
+        PredictError,
+        providers_for,
+    )
 
     try:  # a truncated or foreign model file is refused here, not by replicas failing to start
         OnnxClassifier.load(opts.model_file())
@@ -57,6 +62,18 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
             raise ConfigError(
                 "--device", "cuda: the Ray cluster has no GPU; serve with --device cpu"
             )
+        # One GPU a replica: more replicas than GPUs would wait for them without end.
+        needed = opts.autoscale_range()[0] if opts.autoscale else (opts.replicas or 1)
+        if needed > gpus:
+            raise ConfigError(
+                "--device",
+                f"cuda: {needed} replica(s) need a GPU each, the Ray cluster has {gpus:g}",
+            )
+        if private:  # the replicas run here: this ONNX Runtime must have CUDA
+            try:
+                providers_for("cuda")
+            except DeviceError as exc:
+                raise ConfigError("--device", str(exc)) from exc
     if private and not port_free(opts.host, opts.port):
         # The proxy of a Ray started here runs on this machine: a taken port would only show
         # as a proxy that never becomes healthy.

@@ -31,7 +31,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 def _text(value: str) -> str:
     """A protobuf text-format string literal."""
-    return json.dumps(value)  # JSON's escapes are valid in protobuf text format
+    # JSON's escapes are valid in protobuf text format; non-ASCII stays UTF-8 (a \uXXXX
+    # surrogate pair for a character beyond the BMP is not).
+    return json.dumps(value, ensure_ascii=False)
 
 
 def render_config(meta: ExportMeta, name: str, max_batch_size: int, queue_delay_us: int) -> str:
@@ -91,7 +93,7 @@ def write_model_repository(
         os.link(onnx_file, model_dir / VERSION / "model.onnx")
     except OSError:
         shutil.copyfile(onnx_file, model_dir / VERSION / "model.onnx")
-    (model_dir / LABELS_FILE).write_text("\n".join(meta.classes) + "\n")
+    (model_dir / LABELS_FILE).write_text("\n".join(meta.classes) + "\n", encoding="utf-8")
     config = render_config(meta, name, max_batch_size, queue_delay_us)
-    (model_dir / CONFIG_FILE).write_text(config)
+    (model_dir / CONFIG_FILE).write_text(config, encoding="utf-8")
     return model_dir

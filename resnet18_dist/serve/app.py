@@ -152,8 +152,9 @@ class ClassifierDeployment:
             version=self.version,
             description=(
                 f"Image classification with the export {self.name!r} ({self.opts.artifact}). "
-                "Errors are JSON: {error, status, detail}. With --api-key-file, /v1/* routes "
-                "need `Authorization: Bearer <token>`."
+                "The application's errors are JSON: {error, status, detail}; Ray Serve's proxy "
+                "answers 503 (back-pressure) and 408 (time limit) itself, in plain text. With "
+                "--api-key-file, /v1/* routes need `Authorization: Bearer <token>`."
             ),
             redoc_url=None,
             middleware=[
@@ -170,11 +171,12 @@ class ClassifierDeployment:
         # Documents the bearer token; check_bearer in each route enforces it (or not, without
         # --api-key-file), with our JSON error instead of FastAPI's.
         bearer = [Depends(HTTPBearer(auto_error=False))]
-        app.add_api_route("/healthz", self.healthz, methods=["GET"], response_model=Health)
+        # HEAD as well: Starlette's own routes answered it for every GET, FastAPI's do not.
+        app.add_api_route("/healthz", self.healthz, methods=["GET", "HEAD"], response_model=Health)
         app.add_api_route(
             "/v1/model",
             self.model_info,
-            methods=["GET"],
+            methods=["GET", "HEAD"],
             response_model=ModelInfo,
             responses=errors(401),
             dependencies=bearer,
@@ -185,7 +187,7 @@ class ClassifierDeployment:
             self.classify,
             methods=["POST"],
             response_model=Classified,
-            responses=errors(400, 401, 413, 415, 503),
+            responses=errors(400, 401, 413, 415),
             dependencies=bearer,
             openapi_extra=image_request("image", many=False),
             summary="Classify one image (a JPEG or PNG body, or one file in a form)",
@@ -195,7 +197,7 @@ class ClassifierDeployment:
             self.classify_batch,
             methods=["POST"],
             response_model=BatchClassified,
-            responses=errors(400, 401, 413, 415, 503),
+            responses=errors(400, 401, 413, 415),
             dependencies=bearer,
             openapi_extra=image_request("images", many=True),
             summary="Classify up to --max-images image files of one multipart form",
