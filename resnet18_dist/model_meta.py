@@ -17,6 +17,9 @@ MODEL_INT8_ONNX = "model.int8.onnx"
 MODEL_DYNAMIC_PT = "model.dynamic_int8.pt"
 MODEL_TRT = "model.trt.engine"
 META_JSON = "meta.json"
+# An export's report, written last: its "files" hold every other file's sha256, which a copy of
+# the export (one fetched from a bucket) is checked against.
+REPORT_JSON = "report.json"
 FORMAT = "resnet18-dist/export-v1"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

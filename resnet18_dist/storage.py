@@ -174,6 +174,11 @@ def copy_tree(src: str, dst: str) -> None:
     _wrap(src, f"copy to {dst}", pyarrow.fs.copy_files, src_path, dst_path, fs, fs)
 
 
+def delete_file(uri: str) -> None:
+    fs, path = filesystem(uri)
+    _wrap(uri, "delete", fs.delete_file, path)
+
+
 def delete_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     _wrap(uri, "delete", fs.delete_dir, path)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The digits cache lives in the test session's temp dir, never in the user's home."""
     os.environ["RESNET18_DIST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 with one bucket (tests/s3_server.py); the environment
+    that points at it."""
+    from .s3_server import moto_server
+
+    with moto_server(tmp_path_factory) as env:
+        yield env
 
 
 @pytest.fixture(scope="session")

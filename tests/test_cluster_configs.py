@@ -536,14 +536,18 @@ def test_rayservice_matches_the_crd_strictly_and_serves_the_endpoint() -> None:
     assert app.import_path == "resnet18_dist.serve.app:build_app"
     opts = ServeOptions.from_dict(dict(app.args), "args")
     assert opts.api_key_file, "the endpoint keeps its bearer token"
-    claim = load_yaml(KUBERAY / "shared-pvc.yaml")["metadata"]["name"]
+    # The model is an export on a bucket, fetched by each replica into its pod's cache: every
+    # pod that may run a replica has the bucket's credentials and a writable cache directory.
+    assert str(opts.model).startswith("s3://"), opts.model
     for group, template in pod_templates(spec):
         (container,) = template["spec"]["containers"]
         assert container["image"] == CPU_IMAGE, group
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         mounted = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
-        model_mount = next(p for p in mounted if str(opts.model).startswith(p + "/"))
-        assert mounted[model_mount]["persistentVolumeClaim"]["claimName"] == claim, group
+        assert {"secretRef": {"name": "resnet18-dist-s3"}} in container["envFrom"], group
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert "emptyDir" in mounted[env["RESNET18_DIST_CACHE"]], group
+        assert mounted["/dev/shm"]["emptyDir"]["medium"] == "Memory", group
         key_dir, key_name = str(opts.api_key_file).rsplit("/", 1)
         secret = mounted[key_dir]["secret"]
         assert [i["path"] for i in secret["items"]] == [key_name], group

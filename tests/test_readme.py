@@ -187,7 +187,8 @@ SKIPPED: tuple[Skip, ...] = (
     ),
     Skip(
         "object storage",
-        "needs a bucket; tests/test_storage_s3.py runs these on a real S3 API server on loopback",
+        "needs a bucket; tests/test_storage_s3.py and tests/test_export_s3.py run these on a "
+        "real S3 API server on loopback",
         (
             "export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... AWS_DEFAULT_REGION=us-east-1",
             "export AWS_ENDPOINT_URL=http://minio.internal:9000",
@@ -197,6 +198,9 @@ SKIPPED: tuple[Skip, ...] = (
             "--out exports/r1",
             "aws s3 sync data/flowers s3://my-bucket/datasets/flowers",
             "python launch/train.py --num-workers 2 --data-dir s3://my-bucket/datasets/flowers",
+            "python launch/export.py --checkpoint runs/<name> --out s3://my-bucket/exports/<name>",
+            "python launch/predict.py --model s3://my-bucket/exports/<name> cat.jpg",
+            "python launch/serve.py --model s3://my-bucket/exports/<name>",
         ),
     ),
     Skip(

@@ -12,78 +12,17 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from .conftest import REPO, launch, train_args
-from .ray_cluster import free_port, kill_with_its_ray
-
-BUCKET = "r18d-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A moto S3 server on 127.0.0.1 with one bucket; the environment that points at it (the
-    standard AWS variables, read by Ray, pyarrow and boto3 alike)."""
-    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-    if server is None:
-        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [server, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    try:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], **_creds(env))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except Exception:
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.5)
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _creds(env: dict[str, str]) -> dict[str, str]:
-    return {
-        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
-        "region_name": env["AWS_DEFAULT_REGION"],
-    }
-
-
-def _objects(env: dict[str, str], prefix: str) -> dict[str, int]:
-    """key -> size of every object under ``prefix``, as the S3 API lists them."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], **_creds(env))
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
-
-
-def _get(env: dict[str, str], key: str) -> bytes:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], **_creds(env))
-    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+from .ray_cluster import kill_with_its_ray
+from .s3_server import BUCKET
+from .s3_server import creds as _creds
+from .s3_server import get_object as _get
+from .s3_server import objects as _objects
 
 
 @pytest.mark.slow

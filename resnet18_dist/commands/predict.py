@@ -23,7 +23,9 @@ class PredictOptions(Options):
     )
     model: str | None = opt(
         None,
-        "An export directory (from resnet18-dist export) or a .onnx file.",
+        "An export directory (from resnet18-dist export) or a .onnx file, or an export on "
+        "object storage (s3://, gs://: fetched once into the cache and checked against its "
+        "report).",
         required=True,
         path=True,
     )
@@ -42,12 +44,15 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist predict") -> 
     parser = build_parser(PredictOptions, __doc__, prog=prog, config_file=False)
     opts = parse_options(PredictOptions, parser, argv)
 
+    from resnet18_dist.export.bucket import BucketExportError, local_export
     from resnet18_dist.serve.classifier import DeviceError, OnnxClassifier, PredictError
 
     try:
-        clf = OnnxClassifier.load(
-            str(opts.model), int8=opts.int8, threads=opts.threads, device=opts.device
-        )
+        model = local_export(str(opts.model))
+    except BucketExportError as exc:  # a partial or changed export: an option error (exit 2)
+        raise ConfigError("--model", str(exc)) from exc
+    try:
+        clf = OnnxClassifier.load(model, int8=opts.int8, threads=opts.threads, device=opts.device)
     except DeviceError as exc:  # an option error (exit code 2)
         raise ConfigError("--device", str(exc)) from exc
     except PredictError as exc:  # the model, not an image: an option error (exit code 2)

@@ -36,7 +36,7 @@ def port_free(host: str, port: int) -> bool:
 def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> int:
     parser = build_parser(ServeOptions, __doc__, prog=prog, config_file=False)
     opts = parse_options(ServeOptions, parser, argv)
-    opts.check_files()  # a ConfigError: exit code 2 (commands.run)
+    root = opts.check_files()  # a ConfigError: exit code 2 (commands.run)
     from resnet18_dist.serve.classifier import (
         DeviceError,
         OnnxClassifier,
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
     )
 
     try:  # a truncated or foreign model file is refused here, not by replicas failing to start
-        OnnxClassifier.load(opts.model_file())
+        OnnxClassifier.load(opts.model_file(root))
     except PredictError as exc:
         raise ConfigError("--model", str(exc)) from exc
 
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist serve") -> in
         else "batching off"
     )
     print(
-        f"serving {opts.model_file()} ({opts.artifact}; {scaling}; {batching}"
+        f"serving {str(opts.model).rstrip('/')}/{opts.model_file(root).name} "
+        f"({opts.artifact}; {scaling}; {batching}"
         f"{'; bearer token required' if opts.api_key_file else ''})\n"
         f"  POST {url}/v1/classify   POST {url}/v1/classify/batch   "
         f"GET {url}/v1/model   GET {url}/healthz\n"

@@ -30,6 +30,7 @@ from resnet18_dist.data.policy import DataPolicy
 from resnet18_dist.data.torch_loader import ShardDataset, eval_transform
 from resnet18_dist.errors import UserError
 from resnet18_dist.export.artifact import model_from_checkpoint
+from resnet18_dist.export.bucket import FILES_KEY, file_hashes
 from resnet18_dist.export.measure import (
     MeasureOptions,
     MeasuringProcess,
@@ -56,6 +57,7 @@ from resnet18_dist.model_meta import (
     MODEL_ONNX,
     MODEL_PT,
     MODEL_TRT,
+    REPORT_JSON,
 )
 from resnet18_dist.models.model_file import save_model_pt
 from resnet18_dist.options import Options, check, opt
@@ -64,7 +66,6 @@ from resnet18_dist.output_dir import check_output_dir
 log = logging.getLogger(__name__)
 
 FP32_REL_TOL = 1e-4
-REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 # What --out may be besides a new or empty directory: an earlier export. Not report.json, which
 # a training run directory holds too; meta.json holds the export format.
@@ -98,7 +99,8 @@ class ExportOptions(Options):
     out: str | None = opt(
         None,
         "Output directory: a new or empty one, or an earlier export (replaced atomically); any "
-        "other existing directory is refused.",
+        "other existing directory is refused. Or a prefix on object storage (s3://, gs://): "
+        "published there with report.json last.",
         required=True,
         path=True,
     )
@@ -400,6 +402,7 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
             "seconds": time.perf_counter() - start,
         }
         atomic_write_text(stage / META_JSON, json.dumps(meta.to_dict(), indent=1) + "\n")
-        atomic_write_text(stage / REPORT_JSON, json.dumps(report, indent=1) + "\n")
         atomic_write_text(stage / REPORT_MD, render_markdown(report))
+        report[FILES_KEY] = file_hashes(stage)  # the report is the one file it does not list
+        atomic_write_text(stage / REPORT_JSON, json.dumps(report, indent=1) + "\n")
     return report

@@ -4,20 +4,25 @@ error handling, its messages and its exit code are written once, here."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from resnet18_dist import storage
 from resnet18_dist.atomic import WriteError
+from resnet18_dist.cache import cache_root
 from resnet18_dist.checkpoint_file import CheckpointError
 from resnet18_dist.data.manifest import DatasetError
+from resnet18_dist.export.bucket import BucketExportError, check_remote_out, upload_export
 from resnet18_dist.export.pipeline import ExportError, ExportOptions, export_artifacts
 from resnet18_dist.export.report import render_markdown
 from resnet18_dist.integrations.wandb import log_export
 
 
-def gate_message(report: dict[str, Any], out: Path) -> str | None:
+def gate_message(report: dict[str, Any], out: Path | str) -> str | None:
     """The one line that fails an export whose INT8 model loses too much; None when it passes."""
     checks = report["checks"]
     if checks["int8_ok"]:
@@ -39,20 +44,46 @@ def export_and_gate(
 ) -> int:
     """Export ``opts.checkpoint`` into ``opts.out``, print the report, log the export to W&B
     (``opts.wandb_mode``, project and group) and apply the INT8 gate. Returns the exit code: 0,
-    or 1 after one ``error:`` line on stderr (a checkpoint, dataset, export or write error,
-    which leaves nothing in ``opts.out``; or the gate, which leaves the artifacts for a look).
-    ``beside`` writes the caller's own files into the finished export before W&B logs it (a
-    sweep's trial.json). A ConfigError (an ``--out`` that is not an earlier export) is the
+    or 1 after one ``error:`` line on stderr (a checkpoint, dataset, export, write or upload
+    error, which leaves nothing a reader takes for an export in ``opts.out``; or the gate, which
+    leaves the artifacts for a look). ``beside`` writes the caller's own files into the finished
+    export before W&B logs it (a sweep's trial.json). An ``--out`` on object storage (``s3://``,
+    ``gs://``) is made in a local staging directory and then published there, its report last
+    (export/bucket.py). A ConfigError (an ``--out`` that is not an earlier export) is the
     caller's: an option error there, exit 2."""
-    out = Path(str(opts.out))
+    shown = str(opts.out)
+    if not storage.is_remote(shown):
+        return _export(opts, Path(shown), shown, wandb_name, show_report, verbose, beside, None)
+    check_remote_out(shown)
+    staging = cache_root() / "exports-out"
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot stage the export in {staging}: {exc}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=staging) as tmp:
+        local = Path(tmp) / storage.split(shown)[1]
+        local_opts = dataclasses.replace(opts, out=str(local))
+        return _export(local_opts, local, shown, wandb_name, show_report, verbose, beside, shown)
+
+
+def _export(
+    opts: ExportOptions,
+    out: Path,
+    shown: str,
+    wandb_name: str,
+    show_report: bool,
+    verbose: bool,
+    beside: Callable[[Path], None] | None,
+    upload_to: str | None,
+) -> int:
     try:
         report = export_artifacts(opts)
     except (CheckpointError, DatasetError, ExportError, WriteError) as exc:
-        print(f"error: {exc}\nnothing was written to {out}", file=sys.stderr)
+        print(f"error: {exc}\nnothing was written to {shown}", file=sys.stderr)
         return 1
     if show_report:
         print(render_markdown(report))
-    print(f"artifacts in {out}", flush=True)
     if beside is not None:
         beside(out)
     run_id = log_export(
@@ -64,9 +95,16 @@ def export_and_gate(
         group=opts.wandb_group,
         verbose=verbose,
     )
+    if upload_to is not None:
+        try:
+            upload_export(out, upload_to)
+        except BucketExportError as exc:
+            print(f"error: {exc}\nno export was published at {upload_to}", file=sys.stderr)
+            return 1
+    print(f"artifacts in {shown}", flush=True)
     if run_id:
-        print(f"W&B run {run_id} (job_type export) in {out / 'wandb'}")
-    failed = gate_message(report, out)
+        print(f"W&B run {run_id} (job_type export) in {shown}/wandb")
+    failed = gate_message(report, shown)
     if failed:
         print(failed, file=sys.stderr)
         return 1

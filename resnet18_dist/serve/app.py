@@ -32,6 +32,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from resnet18_dist.export.bucket import export_name
 from resnet18_dist.options import ConfigError
 from resnet18_dist.serve.classifier import (
     ImageTooLargeError,
@@ -49,6 +50,7 @@ from resnet18_dist.serve.schema import (
     errors,
     image_request,
 )
+from resnet18_dist.storage import is_remote
 
 IMAGE_TYPES = ("image/jpeg", "image/png")
 FORMATS = ("JPEG", "PNG")
@@ -116,14 +118,15 @@ class ClassifierDeployment:
     def __init__(self, options: dict[str, Any]) -> None:
         self.opts = ServeOptions.from_dict(options)
         self.token = read_api_key(self.opts.api_key_file) if self.opts.api_key_file else None
+        root = self.opts.local_model()  # a bucket's export: fetched on this replica's node
         self.clf = OnnxClassifier.load(
-            self.opts.model_file(),
+            self.opts.model_file(root),
             int8=self.opts.int8,
             threads=self.opts.ort_threads(),
             device=self.opts.device,
         )
-        self.version = file_version(self.opts.model_file())
-        self.name = Path(str(self.opts.model)).resolve().name
+        self.version = file_version(self.opts.model_file(root))
+        self.name = export_name(str(self.opts.model))
         self.metrics = Metrics()
         self.infer.set_max_batch_size(self.opts.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.opts.batch_wait_ms / 1000)
@@ -388,8 +391,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             )
     opts = args if isinstance(args, ServeOptions) else ServeOptions.from_dict(dict(args), "args")
     opts.check_files()
-    # Replicas load the model by absolute path: they do not share the caller's directory.
-    values = {**opts.to_dict(), "model": str(Path(str(opts.model)).resolve())}
+    # Replicas load the model by absolute path (they do not share the caller's directory), or
+    # fetch it from the bucket themselves.
+    model = str(opts.model)
+    values = {**opts.to_dict(), "model": model if is_remote(model) else str(Path(model).resolve())}
     if opts.api_key_file:
         values["api_key_file"] = str(Path(opts.api_key_file).resolve())
     return ClassifierDeployment.options(**deployment_options(opts)).bind(values)

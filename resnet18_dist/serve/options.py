@@ -17,7 +17,9 @@ MIB = 1024 * 1024
 class ServeOptions(Options):
     model: str | None = opt(
         None,
-        "An export directory (from resnet18-dist export) holding model.onnx.",
+        "An export directory (from resnet18-dist export) holding model.onnx, or its URI on "
+        "object storage (s3://, gs://: fetched once into the cache and checked against its "
+        "report on every replica's node).",
         required=True,
         path=True,
     )
@@ -107,28 +109,42 @@ class ServeOptions(Options):
     def artifact(self) -> str:
         return "int8" if self.int8 else "fp32"
 
-    def model_file(self) -> Path:
-        return Path(str(self.model)) / (MODEL_INT8_ONNX if self.int8 else MODEL_ONNX)
+    def local_model(self) -> Path:
+        """The export directory on this machine: an export on object storage fetched into the
+        cache and checked against its report (export/bucket.py), a refusal naming the file."""
+        from resnet18_dist.export.bucket import BucketExportError, local_export
+
+        try:
+            return local_export(str(self.model))
+        except BucketExportError as exc:
+            raise ConfigError("--model", str(exc)) from exc
+
+    def model_file(self, root: Path | None = None) -> Path:
+        """The served ONNX file under ``root`` (default: ``--model`` itself, a local export)."""
+        root = Path(str(self.model)) if root is None else root
+        return root / (MODEL_INT8_ONNX if self.int8 else MODEL_ONNX)
 
     def ort_threads(self) -> int:
         import math
 
         return self.threads or max(1, math.ceil(self.cpus_per_replica))
 
-    def check_files(self) -> None:
+    def check_files(self) -> Path:
         """Refuse a missing or incomplete export directory, or an unreadable key file, naming
-        it (start-up errors, exit code 2, before Ray starts)."""
-        root = Path(str(self.model))
+        it (start-up errors, exit code 2, before Ray starts). Returns the local export
+        directory (a bucket's export fetched and checked)."""
+        root = self.local_model()
         if not root.is_dir():
             raise ConfigError("--model", f"{root}: no such export directory")
-        if not self.model_file().is_file():
+        if not self.model_file(root).is_file():
             raise ConfigError(
                 "--model",
-                f"{root}: incomplete export, {self.model_file().name} is missing "
+                f"{self.model}: incomplete export, {self.model_file(root).name} is missing "
                 "(export it with launch/export.py)",
             )
         if self.api_key_file is not None:
             read_api_key(self.api_key_file)
+        return root
 
 
 def read_api_key(path: str) -> str:
