@@ -544,7 +544,7 @@ def test_rayservice_matches_the_crd_strictly_and_serves_the_endpoint() -> None:
         assert container["image"] == CPU_IMAGE, group
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         mounted = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
-        assert {"secretRef": {"name": "resnet18-dist-s3"}} in container["envFrom"], group
+        assert {"secretRef": {"name": "resnet18-dist-s3", "optional": True}} in container["envFrom"]
         env = {e["name"]: e["value"] for e in container["env"]}
         assert "emptyDir" in mounted[env["RESNET18_DIST_CACHE"]], group
         assert mounted["/dev/shm"]["emptyDir"]["medium"] == "Memory", group

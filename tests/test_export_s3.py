@@ -95,8 +95,12 @@ def test_an_export_on_s3_is_published_whole_and_served_from_the_bucket(
     got = _user(cwd, s3, cache, "launch/predict.py", "--model", EXPORT, "--top-k", "3",
                 *map(str, files))  # fmt: skip
     assert got.returncode == 0, got.stderr
-    cached = list((cache / "exports").iterdir())
+    cached = [p for p in (cache / "exports").iterdir() if not p.name.startswith(".")]
     assert len(cached) == 1 and (cached[0] / "report.json").is_file(), cached
+    onnx = cached[0] / "model.onnx"
+    fetched = onnx.stat()
+    assert sorted(p.name for p in cached[0].iterdir()) == ["model.onnx", "report.json"]
+    assert len(got.stdout.splitlines()) == 20, got.stdout
     for line in got.stdout.splitlines():
         path, _, rest = line.rpartition(": ")
         assert [tuple(i.split(" ")) for i in rest.split(", ")] == expected[path], line
@@ -117,7 +121,9 @@ def test_an_export_on_s3_is_published_whole_and_served_from_the_bucket(
         assert info["model"] == "digits", info
     finally:
         assert stop_server(server) == 0, server.output()[-3000:]
-    assert len(list((cache / "exports").iterdir())) == 1  # fetched once, then a cache hit
+    # The server's replica took the same copy: not downloaded again (same inode and mtime).
+    again = onnx.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (fetched.st_ino, fetched.st_mtime_ns)
 
 
 def _read(s3: dict[str, str], key: str) -> bytes:
@@ -137,16 +143,49 @@ def test_a_changed_or_partial_export_in_the_bucket_is_refused_naming_the_file(
 ) -> None:
     import boto3
 
-    from resnet18_dist.export.bucket import upload_export
+    from resnet18_dist.export.bucket import (
+        BucketExportError,
+        check_remote_out,
+        fetch_export,
+        upload_export,
+    )
+    from resnet18_dist.options import ConfigError
 
     for name, value in s3.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RESNET18_DIST_CACHE", str(tmp_path / "cache"))
     client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], **creds(s3))
+
+    # --out refusals, before any work: the bucket's root, a missing bucket, a prefix holding
+    # something else (publishing deletes what is there).
+    client.put_object(Bucket=BUCKET, Key="other/data.csv", Body=b"a,b\n")
+    for uri, why in (
+        (f"s3://{BUCKET}", "give a prefix inside the bucket"),
+        ("s3://no-such-bucket/x", "does not exist"),
+        (f"s3://{BUCKET}/other", r"holds 1 object\(s\) and is not an export"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            check_remote_out(uri)
+    assert objects(s3, "other/") == {"other/data.csv": 4}  # untouched
+
+    # Republishing over a whole export: stale objects go, the new report pins the new files.
+    uri = f"s3://{BUCKET}/refused/again"
+    upload_export(digits_export[0], uri)
+    client.put_object(Bucket=BUCKET, Key="refused/again/stale.bin", Body=b"old")
+    check_remote_out(uri)  # an earlier export may be replaced
+    upload_export(digits_export[0], uri)
+    assert "refused/again/stale.bin" not in objects(s3, "refused/again/")
+    assert (fetch_export(uri) / "model.onnx").read_bytes() == (
+        digits_export[0] / "model.onnx"
+    ).read_bytes()
+    # A server pins the export it checked: a replica started after a republish refuses it.
+    with pytest.raises(BucketExportError, match="changed since it was checked"):
+        fetch_export(uri, pin="0" * 64)
     image = str(digit_files(digits_folder, per_class=1)[0])
     for case in ("changed", "missing"):
         uri = f"s3://{BUCKET}/refused/{case}"
         upload_export(digits_export[0], uri)
-        key = f"refused/{case}/model.int8.onnx"
+        key = f"refused/{case}/model.onnx"
         if case == "changed":
             client.put_object(Bucket=BUCKET, Key=key, Body=b"not the exported model")
         else:
@@ -163,7 +202,5 @@ def test_a_changed_or_partial_export_in_the_bucket_is_refused_naming_the_file(
         assert f"--model: s3://{BUCKET}/{key}: " in proc.stderr, proc.stderr
         why = "differs from" if case == "changed" else "cannot be read"
         assert why in proc.stderr, proc.stderr
-        # Nothing half-fetched is left where a later call would take it for the export.
-        assert not [
-            p for p in (tmp_path / case / "exports").iterdir() if not p.name.startswith(".")
-        ]
+        # Nothing unchecked is left under a name a later call would take.
+        assert not list((tmp_path / case / "exports").rglob("model.onnx"))

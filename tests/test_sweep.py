@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from .conftest import REPO, launch
+from .s3_server import BUCKET, objects
 
 SWEEP = str(REPO / "launch" / "sweep.py")
 # Sweeps' orchestration (trials, ASHA, resume, export of the best), not learning: a ResNet18 at
@@ -123,13 +124,15 @@ def _tune_results(sweep_dir: Path) -> dict[str, list[dict]]:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
-    digits_dataset: Path, tmp_path: Path
+    digits_dataset: Path, digits_folder: Path, tmp_path: Path, s3: dict[str, str]
 ) -> None:
     # --seed 0 samples lr ~ 0.1, then 1.2e-4 from 1e-4..5: after one epoch the first leads
     # (val top-1 ~0.5) and the second has barely moved (~0.18), so ASHA's rung at epoch 1 stops
     # it. Two trials show it (a third, lr 2.0, only repeated the stop at 14 s a trial).
     # (The full digits: on the 240 small ones nothing learns in one epoch.)
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    # The bucket (moto on loopback) the best trial's export is also published to.
+    env = {**os.environ, **s3, "WANDB_MODE": "offline"}
+    published = f"s3://{BUCKET}/sweeps/s/best"
     proc = launch(
         "sweep",
         *_sweep_args(digits_dataset, tmp_path, "s", "--lr-range", "1e-4,5", "--num-samples", "2"),
@@ -143,6 +146,7 @@ def test_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
         # Two epochs at 8 px leave a weak model whose INT8 copy can lose much; the gate itself
         # is tested in test_export.py and by acceptance 1 (README).
         *("--max-int8-drop", "100"),
+        *("--publish-best", published),
         timeout=600,
         env=env,
     )
@@ -182,6 +186,20 @@ def test_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
     assert export["checks"]["fp32_ok"] and "int8_top1_drop" in export["checks"]
     assert {r["latency_runs"] for r in export["rows"]} == {2}  # --latency-iters reached it
     assert (sweep / "sweep.png").stat().st_size > 10_000
+
+    # best/ was published to the bucket whole (report last, with every file's hash): predict
+    # reads it from there and answers as it does from the local best/.
+    assert f"best trial's export published to {published}" in proc.stdout
+    keys = objects(s3, "sweeps/s/best/")
+    assert "sweeps/s/best/report.json" in keys and "sweeps/s/best/trial.json" in keys, keys
+    image = str(sorted((digits_folder / "3").iterdir())[0])
+    cache = {**env, "RESNET18_DIST_CACHE": str(tmp_path / "cache")}
+    answers = [
+        launch("predict", "--model", model, image, env=cache)
+        for model in (published, str(sweep / "best"))
+    ]
+    assert [a.returncode for a in answers] == [0, 0], [a.stderr for a in answers]
+    assert answers[0].stdout == answers[1].stdout, [a.stdout for a in answers]
 
     # W&B offline: one run per trial, in the sweep's group, job type "trial". Known gap: a
     # trial ASHA stops is killed before W&B's service writes its buffered records, so only

@@ -24,6 +24,7 @@ from resnet18_dist.config import (
     apply_recipe,
 )
 from resnet18_dist.options import ConfigError, Options, check, flag, opt
+from resnet18_dist.storage import is_remote
 
 SEARCH_ALGORITHMS = ("random", "optuna")
 DEFAULT_TEMPERATURE_RANGE = (1.0, 8.0)
@@ -96,8 +97,22 @@ class SweepOptions(Options):
     throughput_seconds: float = opt(
         1.0, "Export of the best trial: seconds of batch-64 runs per artifact.", gt=0
     )
+    publish_best: str | None = opt(
+        None,
+        "Also publish the best trial's export (best/) to this prefix on object storage "
+        "(s3://, gs://), report.json last, as `export --out` does; predict and serve read it "
+        "from there.",
+        metavar="URI",
+    )
 
     def validate(self) -> None:
+        if self.publish_best is not None:
+            check(
+                is_remote(self.publish_best),
+                "publish_best",
+                f"must be a prefix on object storage, s3:// or gs:// (got {self.publish_best!r}); "
+                "the local export is best/ in the sweep directory",
+            )
         _check_range("lr_range", self.lr_range, log=True)
         _check_range("wd_range", self.wd_range, log=True)
         check(len(self.se_choices) > 0, "se_choices", "needs at least one choice")

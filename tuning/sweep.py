@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet18_dist.cli import absolute_paths
+from resnet18_dist.model_meta import REPORT_JSON
 from resnet18_dist.options import ConfigError, coerce, default_of, flag, read_yaml
 from resnet18_dist.run_files import CONFIG_FILE, REPORT_FILE
 from tuning.space import SEARCHED, SweepConfig, format_value, param_space
@@ -445,13 +446,25 @@ def export_best(cfg: SweepConfig, best: TrialRow, sweep_dir: Path, wandb_mode: s
         wandb_group=group,
         quiet=True,
     )
-    return export_and_gate(
+    code = export_and_gate(
         opts,
         wandb_name=f"export-{group}",
         show_report=not cfg.run.quiet,
         verbose=cfg.run.verbose,
         beside=trial_files,
     )
+    best_dir = sweep_dir / BEST_DIR
+    if cfg.sweep.publish_best and code == 0 and (best_dir / REPORT_JSON).is_file():
+        # Not when the INT8 gate failed: the prefix may hold a served export (best/ is kept).
+        from resnet18_dist.export.bucket import BucketExportError, upload_export
+
+        try:
+            upload_export(best_dir, cfg.sweep.publish_best)
+        except BucketExportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"best trial's export published to {cfg.sweep.publish_best}", flush=True)
+    return code
 
 
 def finish_sweep(

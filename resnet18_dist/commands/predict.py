@@ -45,10 +45,11 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist predict") -> 
     opts = parse_options(PredictOptions, parser, argv)
 
     from resnet18_dist.export.bucket import BucketExportError, local_export
+    from resnet18_dist.model_meta import MODEL_INT8_ONNX, MODEL_ONNX
     from resnet18_dist.serve.classifier import DeviceError, OnnxClassifier, PredictError
 
     try:
-        model = local_export(str(opts.model))
+        model = local_export(str(opts.model), [MODEL_INT8_ONNX if opts.int8 else MODEL_ONNX])
     except BucketExportError as exc:  # a partial or changed export: an option error (exit 2)
         raise ConfigError("--model", str(exc)) from exc
     try:

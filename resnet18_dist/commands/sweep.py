@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     if cfg.run.resume == RESUME_THIS_RUN and not (sweep_dir / SWEEP_CONFIG).is_file():
         raise ConfigError("--resume", f"{sweep_dir} holds no sweep to resume")
     check_same_sweep(cfg, sweep_dir)  # a rerun continues the sweep it started, unchanged
+    if cfg.sweep.publish_best:  # a missing bucket or a prefix holding other objects: now
+        from resnet18_dist.export.bucket import check_remote_out
+
+        check_remote_out(cfg.sweep.publish_best, option="--publish-best")
     start_ray(cfg.run.address, cfg.run.verbose)  # with the dashboard: Train V2 needs its API
     use_gpu = check_resources(cfg.run)
     plan = plan_trials(cfg, use_gpu)

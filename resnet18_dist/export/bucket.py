@@ -14,15 +14,17 @@ export is a cache hit. A changed or partial export is refused naming the file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from resnet18_dist import storage
+from resnet18_dist.atomic import atomic_write_bytes
 from resnet18_dist.cache import cache_root
 from resnet18_dist.errors import UserError
 from resnet18_dist.model_meta import FORMAT, META_JSON, REPORT_JSON
@@ -52,11 +54,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_remote_out(uri: str) -> None:
-    """Refuse (ConfigError, exit 2) an ``--out`` prefix whose bucket is missing, or which holds
-    objects that are not an earlier export (publishing deletes what is there)."""
+def check_remote_out(uri: str, option: str = "--out") -> None:
+    """Refuse (ConfigError naming ``option``, exit 2) a prefix whose bucket is missing, or which
+    holds objects that are not an earlier export (publishing deletes what is there)."""
     from resnet18_dist.options import ConfigError
 
+    if not urlsplit(uri).path.strip("/"):  # publishing would empty the whole bucket
+        raise ConfigError(option, f"{uri}: give a prefix inside the bucket (s3://bucket/name)")
     try:
         storage.require_bucket(uri)
         names = storage.list_files(uri)
@@ -67,10 +71,10 @@ def check_remote_out(uri: str) -> None:
         except (storage.StorageError, ValueError):
             meta = None
     except storage.StorageError as exc:
-        raise ConfigError("--out", str(exc)) from exc
+        raise ConfigError(option, str(exc)) from exc
     if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
         raise ConfigError(
-            "--out",
+            option,
             f"{uri} holds {len(names)} object(s) and is not an export (no {META_JSON} of one); "
             "it would be replaced, so give a new prefix or an earlier export",
         )
@@ -96,18 +100,22 @@ def upload_export(local: Path, uri: str) -> None:
 
 def read_report(uri: str) -> tuple[dict[str, Any], bytes]:
     """The remote export's report (parsed, and its bytes); an error naming ``report.json``
-    when it is missing (no export there, or one still being written or cut off)."""
+    when it is missing (no export there, or one still being written or cut off) or unreadable."""
     report_uri = storage.join(uri, REPORT_JSON)
     try:
+        present = storage.exists(report_uri)
+        if not present:
+            found = storage.list_files(uri)
+            what = (
+                f"{len(found)} object(s) but no {REPORT_JSON}: an export cut off or still being "
+                "written"
+                if found
+                else f"no {REPORT_JSON}: no export there"
+            )
+            raise BucketExportError(f"{report_uri}: {what}")
         raw = storage.read_bytes(report_uri)
-    except storage.StorageError as exc:
-        found = _safe_list(uri)
-        what = (
-            f"{len(found)} object(s) but no {REPORT_JSON}: an export cut off or still being written"
-            if found
-            else "no export there"
-        )
-        raise BucketExportError(f"{report_uri}: {what} ({exc})") from exc
+    except storage.StorageError as exc:  # credentials, network: said as they are
+        raise BucketExportError(f"{report_uri}: cannot read it: {exc}") from exc
     try:
         report = json.loads(raw)
         files = report[FILES_KEY]
@@ -117,61 +125,83 @@ def read_report(uri: str) -> tuple[dict[str, Any], bytes]:
             f"{report_uri}: not an export report with file hashes ('{FILES_KEY}'); "
             "export it again with this version"
         ) from exc
+    for rel in files:
+        parts = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise BucketExportError(f"{report_uri}: bad file name {rel!r} in '{FILES_KEY}'")
     return report, raw
 
 
-def _safe_list(uri: str) -> list[str]:
-    try:
-        return storage.list_files(uri)
-    except storage.StorageError:
-        return []
+def report_digest(raw: bytes) -> str:
+    """What pins one published export: the sha256 of its report (which hashes every file)."""
+    return hashlib.sha256(raw).hexdigest()
 
 
-def fetch_export(uri: str) -> Path:
-    """A local copy of the remote export at ``uri``, verified file by file against its report's
-    sha256 (downloaded once; later calls for the same report reuse the copy)."""
+def fetch_export(uri: str, files: Iterable[str] | None = None, pin: str | None = None) -> Path:
+    """A local copy of the remote export at ``uri`` holding ``files`` (default: every file its
+    report lists), each checked against the report's sha256 as it is downloaded. A file already
+    fetched for the same report is reused, so a model is downloaded once per machine, however
+    many processes (Serve replicas) ask at once: they take turns under a file lock. ``pin``: the
+    report digest this export must still have (``serve`` pins the export it checked, so a
+    replica started later never serves a republished model)."""
     report, raw = read_report(uri)
-    key = hashlib.sha256(uri.encode() + b"\0" + raw).hexdigest()[:24]
+    digest = report_digest(raw)
+    if pin is not None and digest != pin:
+        raise BucketExportError(
+            f"{storage.join(uri, REPORT_JSON)}: the export changed since it was checked (report "
+            f"sha256 {digest[:12]}..., pinned {pin[:12]}...); restart serve to serve the new one"
+        )
+    listed: dict[str, str] = report[FILES_KEY]
+    wanted = sorted(listed) if files is None else sorted(set(files))
     root = cache_root() / "exports"
-    final = root / key
-    if (final / REPORT_JSON).is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+    final = root / hashlib.sha256(uri.encode() + b"\0" + raw).hexdigest()[:24]
     try:
-        for rel, want in sorted(report[FILES_KEY].items()):
-            if rel.startswith("/") or ".." in rel.split("/"):
-                raise BucketExportError(f"{storage.join(uri, REPORT_JSON)}: bad file name {rel!r}")
-            src = storage.join(uri, rel)
-            dst = stage / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                got = storage.stream_to_file(src, dst)
-            except storage.StorageError as exc:
-                raise BucketExportError(
-                    f"{src}: listed in the export's {REPORT_JSON} but cannot be read: a partial "
-                    f"or changed export ({exc})"
-                ) from exc
-            if got != want:
-                raise BucketExportError(
-                    f"{src}: sha256 {got[:12]}... differs from {want[:12]}... in the export's "
-                    f"{REPORT_JSON}: the export changed or is partial; export it again"
-                )
-        (stage / REPORT_JSON).write_bytes(raw)
-        try:
-            os.rename(stage, final)
-        except OSError:
-            if not (final / REPORT_JSON).is_file():  # not a concurrent fetch of the same export
-                raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        final.mkdir(parents=True, exist_ok=True)
+        with open(root / f".{final.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            for rel in wanted:
+                if rel not in listed:
+                    raise BucketExportError(
+                        f"{storage.join(uri, REPORT_JSON)}: the export has no {rel}"
+                    )
+                if not (final / rel).is_file():
+                    _fetch_file(storage.join(uri, rel), final / rel, listed[rel])
+            if not (final / REPORT_JSON).is_file():
+                atomic_write_bytes(final / REPORT_JSON, raw)
+    except OSError as exc:
+        if isinstance(exc, BucketExportError):
+            raise
+        raise BucketExportError(f"{final}: cannot write the fetched export there: {exc}") from exc
     return final
 
 
-def local_export(model: str) -> Path:
-    """``model`` as a local export directory or model file: a bucket URI fetched and verified,
-    a local path as it is."""
-    return fetch_export(model) if storage.is_remote(model) else Path(model)
+def _fetch_file(src: str, dst: Path, want: str) -> None:
+    """Download ``src`` to ``dst`` through a temporary name, renamed into place only once its
+    sha256 is the report's."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.part-{os.getpid()}")
+    try:
+        try:
+            got = storage.stream_to_file(src, tmp)
+        except storage.StorageError as exc:
+            raise BucketExportError(
+                f"{src}: listed in the export's {REPORT_JSON} but cannot be read: a partial "
+                f"or changed export ({exc})"
+            ) from exc
+        if got != want:
+            raise BucketExportError(
+                f"{src}: sha256 {got[:12]}... differs from {want[:12]}... in the export's "
+                f"{REPORT_JSON}: the export changed or is partial; export it again"
+            )
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def local_export(model: str, files: Iterable[str] | None = None, pin: str | None = None) -> Path:
+    """``model`` as a local export directory or model file: a bucket URI fetched (``files``
+    of it, default all) and checked, a local path as it is."""
+    return fetch_export(model, files, pin) if storage.is_remote(model) else Path(model)
 
 
 def export_name(model: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,16 @@ def _export(
         group=opts.wandb_group,
         verbose=verbose,
     )
+    failed = gate_message(report, shown)
+    if upload_to is not None and failed:
+        # Publishing replaces the export at --out, which may be serving: a model that fails the
+        # gate is kept on this machine for a look instead.
+        kept = out.parent.parent / f"{out.name}-failed-gate-{time.strftime('%Y%m%d-%H%M%S')}"
+        out.rename(kept)
+        print(
+            f"{gate_message(report, kept)}; nothing was published to {upload_to}", file=sys.stderr
+        )
+        return 1
     if upload_to is not None:
         try:
             upload_export(out, upload_to)
@@ -104,7 +115,6 @@ def _export(
     print(f"artifacts in {shown}", flush=True)
     if run_id:
         print(f"W&B run {run_id} (job_type export) in {shown}/wandb")
-    failed = gate_message(report, shown)
     if failed:
         print(failed, file=sys.stderr)
         return 1

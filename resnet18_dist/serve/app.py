@@ -115,10 +115,11 @@ def media_type(request: Request) -> str:
 @serve.deployment
 @serve.ingress()
 class ClassifierDeployment:
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], pin: str | None = None) -> None:
         self.opts = ServeOptions.from_dict(options)
         self.token = read_api_key(self.opts.api_key_file) if self.opts.api_key_file else None
-        root = self.opts.local_model()  # a bucket's export: fetched on this replica's node
+        # A bucket's export: fetched on this replica's node; the one the driver checked (pin).
+        root = self.opts.local_model(pin)
         self.clf = OnnxClassifier.load(
             self.opts.model_file(root),
             int8=self.opts.int8,
@@ -390,11 +391,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                 "file's http_options (host, port, request_timeout_s), not in the app's args",
             )
     opts = args if isinstance(args, ServeOptions) else ServeOptions.from_dict(dict(args), "args")
-    opts.check_files()
+    pin = opts.pinned_export(opts.check_files())
     # Replicas load the model by absolute path (they do not share the caller's directory), or
     # fetch it from the bucket themselves.
     model = str(opts.model)
     values = {**opts.to_dict(), "model": model if is_remote(model) else str(Path(model).resolve())}
     if opts.api_key_file:
         values["api_key_file"] = str(Path(opts.api_key_file).resolve())
-    return ClassifierDeployment.options(**deployment_options(opts)).bind(values)
+    return ClassifierDeployment.options(**deployment_options(opts)).bind(values, pin)

@@ -109,13 +109,14 @@ class ServeOptions(Options):
     def artifact(self) -> str:
         return "int8" if self.int8 else "fp32"
 
-    def local_model(self) -> Path:
-        """The export directory on this machine: an export on object storage fetched into the
-        cache and checked against its report (export/bucket.py), a refusal naming the file."""
+    def local_model(self, pin: str | None = None) -> Path:
+        """The export directory on this machine: an export on object storage has its served
+        ONNX file fetched into the cache and checked against its report (export/bucket.py;
+        ``pin``: the report digest it must still have), a refusal naming the file."""
         from resnet18_dist.export.bucket import BucketExportError, local_export
 
         try:
-            return local_export(str(self.model))
+            return local_export(str(self.model), [self.model_file(Path()).name], pin)
         except BucketExportError as exc:
             raise ConfigError("--model", str(exc)) from exc
 
@@ -128,6 +129,17 @@ class ServeOptions(Options):
         import math
 
         return self.threads or max(1, math.ceil(self.cpus_per_replica))
+
+    def pinned_export(self, root: Path) -> str | None:
+        """The digest that pins a bucket's export as checked in ``root`` (None for a local
+        export): every replica then serves that export or refuses to start."""
+        from resnet18_dist.export.bucket import report_digest
+        from resnet18_dist.model_meta import REPORT_JSON
+        from resnet18_dist.storage import is_remote
+
+        if not is_remote(str(self.model)):
+            return None
+        return report_digest((root / REPORT_JSON).read_bytes())
 
     def check_files(self) -> Path:
         """Refuse a missing or incomplete export directory, or an unreadable key file, naming
