@@ -94,6 +94,7 @@ RUN_CONTROLS = {
     ("sweep", "max_int8_drop"),  # the export's gate, applied when the sweep ends
     ("sweep", "latency_iters"),  # the export's measuring, too
     ("sweep", "throughput_seconds"),
+    ("sweep", "publish_best"),  # where the finished sweep's best/ is published, too
 }
 
 

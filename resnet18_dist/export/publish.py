@@ -5,6 +5,7 @@ error handling, its messages and its exit code are written once, here."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -100,8 +101,13 @@ def _export(
     if upload_to is not None and failed:
         # Publishing replaces the export at --out, which may be serving: a model that fails the
         # gate is kept on this machine for a look instead.
-        kept = out.parent.parent / f"{out.name}-failed-gate-{time.strftime('%Y%m%d-%H%M%S')}"
-        out.rename(kept)
+        kept = Path(
+            tempfile.mkdtemp(
+                prefix=f"{out.name}-failed-gate-{time.strftime('%Y%m%d-%H%M%S')}-",
+                dir=out.parent.parent,
+            )
+        )
+        os.replace(out, kept)  # onto the new, empty directory: a unique name
         print(
             f"{gate_message(report, kept)}; nothing was published to {upload_to}", file=sys.stderr
         )
