@@ -7,9 +7,10 @@ upload killed midway therefore leaves no report: nothing a reader takes for an e
 an earlier export deletes its report first, so a half-replaced prefix is not taken for either.
 
 Fetching (``predict --model s3://...``, ``serve --model s3://...`` on every replica's node): the
-report is read, and the files it lists are downloaded once into the cache, under a name made of
-the URI and the report's own hash, each checked against its sha256; a later fetch of the same
-export is a cache hit. A changed or partial export is refused naming the file.
+report is read, and the files the reader uses (the served ONNX model) are downloaded once per
+machine into the cache, under a name made of the URI and the report's own hash, each checked
+against its sha256; a later fetch of the same export is a cache hit. A changed or partial export
+is refused naming the file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 from resnet18_dist import storage
 from resnet18_dist.atomic import atomic_write_bytes
 from resnet18_dist.cache import cache_root
+from resnet18_dist.data.integrity import sha256_file
 from resnet18_dist.errors import UserError
 from resnet18_dist.model_meta import FORMAT, META_JSON, REPORT_JSON
 
@@ -42,16 +44,8 @@ def file_hashes(root: Path, skip: tuple[str, ...] = (REPORT_JSON,)) -> dict[str,
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel not in skip:
-            out[rel] = _sha256(path)
+            out[rel] = sha256_file(path)
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_remote_out(uri: str, option: str = "--out") -> None:
@@ -118,13 +112,14 @@ def read_report(uri: str) -> tuple[dict[str, Any], bytes]:
         raise BucketExportError(f"{report_uri}: cannot read it: {exc}") from exc
     try:
         report = json.loads(raw)
-        files = report[FILES_KEY]
-        assert isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
-    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+    except ValueError:
+        report = None
+    files = report.get(FILES_KEY) if isinstance(report, dict) else None
+    if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
         raise BucketExportError(
             f"{report_uri}: not an export report with file hashes ('{FILES_KEY}'); "
             "export it again with this version"
-        ) from exc
+        )
     for rel in files:
         parts = rel.split("/")
         if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
