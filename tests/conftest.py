@@ -30,10 +30,10 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["RESNET18_DIST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A moto S3 server on 127.0.0.1 with one bucket (tests/s3_server.py); the environment
-    that points at it."""
+    that points at it. One for the session: each test module keeps to its own prefixes."""
     from .s3_server import moto_server
 
     with moto_server(tmp_path_factory) as env:

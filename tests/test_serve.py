@@ -215,6 +215,8 @@ def test_batch_endpoint_matches_predict_and_batches(
 
 
 # ------------------------------------------------------------------------------ 2. bad requests
+@pytest.mark.slow  # it asks the module's running server (the main job's export)
+@pytest.mark.ray
 def test_the_openapi_document_describes_the_routes_and_their_real_answers(
     server: Server, digits_folder: Path
 ) -> None:

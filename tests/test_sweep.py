@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import REPO, launch
+from .conftest import launch
 from .s3_server import BUCKET, objects
 
-SWEEP = str(REPO / "launch" / "sweep.py")
 # Sweeps' orchestration (trials, ASHA, resume, export of the best), not learning: a ResNet18 at
 # a quarter of the width (1/16 of the compute) trains a trial's epoch in about a second.
 TINY = ("--width", "0.25")
@@ -231,64 +227,5 @@ def _leet(*args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_killed_sweep_continues_without_rerunning_a_finished_trial(
-    small_digits: Path, tmp_path: Path
-) -> None:
-    args = [
-        SWEEP,
-        *_sweep_args(small_digits, tmp_path, "k", "--lr-range", "0.01,0.2", "--num-samples", "2"),
-        *TINY,
-        *("--max-epochs", "2", "--grace-period", "2", "--wandb-mode", "disabled"),
-        # 80 test images: one is 1.25 points of top-1; the INT8 gate is not what is tested here.
-        *("--max-int8-drop", "100"),
-    ]
-    sweep = tmp_path / "k"
-    first = subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 400
-        # The first trial has finished (its report is written) and the second has started.
-        while not (
-            (sweep / "trial-00000" / "report.json").is_file()
-            and (sweep / "trial-00001" / "metrics.jsonl").is_file()
-        ):
-            assert first.poll() is None, "the sweep ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.1)
-        # The sweep (its driver and private Ray) holds still at once, so that a fast trial
-        # cannot finish first; then its driver dies, by its process id.
-        os.killpg(first.pid, signal.SIGSTOP)
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(30)
-    finally:
-        time.sleep(2)
-        with contextlib.suppress(ProcessLookupError):  # the private Ray it started goes too
-            os.killpg(first.pid, signal.SIGKILL)
-    finished = sweep / "trial-00000"
-    before = (finished / "report.json").stat().st_mtime_ns, (finished / "metrics.jsonl").read_text()
-    assert not (sweep / "trials.csv").exists()
-
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "continuing sweep" in proc.stdout
-    after = (finished / "report.json").stat().st_mtime_ns, (finished / "metrics.jsonl").read_text()
-    assert after == before  # the finished trial was not trained again
-    rows = _rows(sweep)
-    assert [r["trial"] for r in rows] == ["trial-00000", "trial-00001"]
-    assert all(r["status"] == "finished" and r["epochs_run"] == "2" for r in rows), rows
-    # The interrupted trial continued from its checkpoint: each epoch was logged once.
-    epochs = [
-        json.loads(line)["epoch"]
-        for line in (sweep / "trial-00001" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert epochs == [0, 1]
-    assert (sweep / "best" / "model.int8.onnx").is_file()
-
-
-# Optuna's search: tests/test_multinode.py runs it as a sweep submitted with `ray job submit`.
+# Optuna's search and a killed sweep continued: tests/test_multinode.py runs them as one sweep
+# submitted with `ray job submit`.
