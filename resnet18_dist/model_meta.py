@@ -16,6 +16,8 @@ MODEL_ONNX = "model.onnx"
 MODEL_INT8_ONNX = "model.int8.onnx"
 MODEL_DYNAMIC_PT = "model.dynamic_int8.pt"
 MODEL_TRT = "model.trt.engine"
+MODEL_PTE = "model.pte"  # ExecuTorch program (export --mobile)
+MODEL_TFLITE = "model.tflite"  # LiteRT model (export --mobile)
 META_JSON = "meta.json"
 # An export's report, written last: its "files" hold every other file's sha256, which a copy of
 # the export (one fetched from a bucket) is checked against.

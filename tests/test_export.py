@@ -472,3 +472,88 @@ def test_the_triton_repository_holds_the_onnx_model_its_config_describes(
     (logits,) = session.run([outp.name], {inp.name: batch})
     assert logits.shape == (config.max_batch_size, *outp.dims)
     assert "Triton model repository: `triton/resnet18`" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------ mobile and edge
+MOBILE_MODULES = ("executorch", "litert_torch", "ai_edge_litert")
+
+
+def _mobile_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in MOBILE_MODULES)
+
+
+@pytest.mark.skipif(_mobile_installed(), reason="the mobile extra is installed here")
+def test_mobile_without_its_extra_exits_2_naming_the_extra(small_run: Path, tmp_path: Path) -> None:
+    proc = launch(
+        "export", "--checkpoint", str(small_run), "--out", str(tmp_path / "o"), "--mobile"
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--mobile: needs the mobile extra" in proc.stderr, proc.stderr
+    assert "pip install -e '.[mobile]'" in proc.stderr
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_mobile_artifacts_run_in_their_own_runtimes_within_the_gate(
+    small_run: Path, tmp_path: Path
+) -> None:
+    """`export --mobile`: model.pte (ExecuTorch, XNNPACK) and model.tflite (LiteRT), each run by
+    its own runtime on the test split, in the report with the INT8 gate's rule; this test runs
+    them again itself on real test images against ONNX Runtime. Needs the mobile extra (not
+    installed by CI: skipped, and reported so, without it)."""
+    for module in MOBILE_MODULES:
+        pytest.importorskip(module, reason="the mobile extra: pip install -e '.[mobile]'")
+    from ai_edge_litert.interpreter import Interpreter
+    from executorch.runtime import Runtime
+
+    from resnet18_dist.data.digits import dataset_dir
+    from resnet18_dist.data.manifest import Manifest
+    from resnet18_dist.export.pipeline import _split_array
+
+    out = tmp_path / "mobile"
+    report = export_artifacts(
+        ExportOptions(
+            checkpoint=str(small_run),
+            out=str(out),
+            mobile=True,
+            threads=2,
+            latency_iters=5,
+            throughput_seconds=0.2,
+            max_int8_drop=100,
+            wandb_mode="disabled",
+            quiet=True,
+        )
+    )
+    rows = {r["kind"]: r for r in report["rows"]}
+    checks = report["checks"]
+    for kind, name in (("executorch", "model.pte"), ("litert", "model.tflite")):
+        assert rows[kind]["file"] == name and (out / name).stat().st_size > 100_000
+        assert rows[kind]["latency_runs"] == 5 and rows[kind]["top1_agreement_vs_fp32"] >= 0.99
+        assert rows[kind]["max_rel_err_vs_torch_fp32"] < 1e-3, rows[kind]
+        assert checks[f"{kind}_ok"] and abs(checks["mobile_top1_drop"][kind]) <= 1.0
+    assert checks["mobile_ok"] and checks["max_mobile_drop"] == 1.0
+    assert "ExecuTorch top-1 drop against FP32" in (out / "report.md").read_text()
+    # The preprocessing a phone applies is the export's meta.json, beside the two files.
+    meta = ExportMeta(**json.loads((out / "meta.json").read_text()))
+    assert meta.image_size == report["image_size"] and len(meta.classes) == 10, meta
+
+    # The artifacts, run here through their own runtimes on real test images, give ONNX
+    # Runtime's answers.
+    manifest = Manifest.load(dataset_dir(report["data_dir"]))
+    x, _ = _split_array(manifest, "test", meta.image_size, 16, True)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {meta.input_name: x})[0]
+    method = Runtime.get().load_program(out / "model.pte").load_method("forward")
+    interpreter = Interpreter(model_path=str(out / "model.tflite"))
+    interpreter.allocate_tensors()
+    (inp,), (outp,) = interpreter.get_input_details(), interpreter.get_output_details()
+    for i in range(len(x)):
+        one = np.ascontiguousarray(x[i : i + 1])
+        pte = method.execute([torch.from_numpy(one)])[0].numpy()
+        interpreter.set_tensor(inp["index"], one)
+        interpreter.invoke()
+        tflite = interpreter.get_tensor(outp["index"])
+        for got in (pte, tflite):
+            np.testing.assert_allclose(got, expected[i : i + 1], rtol=1e-3, atol=1e-4)

@@ -40,7 +40,15 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": pythonpath_with_checkout()}
 
 
-KINDS = ("torch_fp32", "torch_dynamic_int8", "onnx_fp32", "onnx_int8", "tensorrt")
+KINDS = (
+    "torch_fp32",
+    "torch_dynamic_int8",
+    "onnx_fp32",
+    "onnx_int8",
+    "tensorrt",
+    "executorch",
+    "litert",
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _one_at_a_time(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """The mobile artifacts take one image (a phone classifies one at a time): a batch (the
+    throughput row's 64, the test split's) is a loop over its images."""
+    return lambda x: np.concatenate(
+        [run(np.ascontiguousarray(x[i : i + 1])) for i in range(len(x))]
+    )
+
+
 def _runner(
     kind: str, path: Path, model_pt: Path, threads: int
 ) -> Callable[[np.ndarray], np.ndarray]:
@@ -83,9 +99,28 @@ def _runner(
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0]
 
+    if kind == "litert":
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        interpreter.allocate_tensors()
+        (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+
+        def invoke(x: np.ndarray) -> np.ndarray:
+            interpreter.set_tensor(inp["index"], x)
+            interpreter.invoke()
+            return interpreter.get_tensor(out["index"]).copy()
+
+        return _one_at_a_time(invoke)
+
     import torch
 
     torch.set_num_threads(threads)
+    if kind == "executorch":
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(path).load_method("forward")
+        return _one_at_a_time(lambda x: method.execute([torch.from_numpy(x)])[0].numpy())
     if kind == "tensorrt":
         from resnet18_dist.export.tensorrt import engine_runner
 
@@ -153,6 +188,10 @@ def _import_runtime(kind: str) -> None:
     minus the size after this) is the model's alone."""
     if kind.startswith("onnx"):
         import onnxruntime  # noqa: F401
+    elif kind == "litert":
+        import ai_edge_litert.interpreter  # noqa: F401
+    elif kind == "executorch":
+        import executorch.runtime  # noqa: F401
     elif kind == "tensorrt":
         import resnet18_dist.export.tensorrt
     else:

@@ -36,6 +36,11 @@ from resnet18_dist.export.measure import (
     MeasuringProcess,
     measuring_processes,
 )
+from resnet18_dist.export.mobile import (
+    export_executorch,
+    export_litert,
+    missing_mobile_packages,
+)
 from resnet18_dist.export.onnx_export import export_onnx
 from resnet18_dist.export.quantize import (
     quantize_dynamic_torch,
@@ -56,6 +61,8 @@ from resnet18_dist.model_meta import (
     MODEL_INT8_ONNX,
     MODEL_ONNX,
     MODEL_PT,
+    MODEL_PTE,
+    MODEL_TFLITE,
     MODEL_TRT,
     REPORT_JSON,
 )
@@ -132,6 +139,18 @@ class ExportOptions(Options):
         "ONNX; beyond it the export exits 1 (the artifacts are still written and measured).",
         ge=0,
     )
+    mobile: bool = opt(
+        False,
+        "Also write model.pte (an ExecuTorch program, XNNPACK delegate) and model.tflite (LiteRT), "
+        "each measured by its own runtime on the test split and held to --max-mobile-drop. "
+        "Needs the mobile extra: pip install -e '.[mobile]'.",
+    )
+    max_mobile_drop: float = opt(
+        1.0,
+        "The mobile gate: the most test top-1 (in points) the ExecuTorch or LiteRT model may lose "
+        "against FP32 ONNX; beyond it the export exits 1, as for INT8.",
+        ge=0,
+    )
     tensorrt: bool = opt(True, "Build a TensorRT engine when CUDA and tensorrt are present.")
     triton: bool = opt(
         False,
@@ -159,6 +178,14 @@ class ExportOptions(Options):
             f"must be letters, digits, '_', '.' and '-', not starting with '.' or '-' "
             f"(got {self.triton_name!r})",
         )
+        if self.mobile:
+            missing = missing_mobile_packages()
+            check(
+                not missing,
+                "mobile",
+                f"needs the mobile extra, which is not installed (missing: {', '.join(missing)}): "
+                "pip install -e '.[mobile]'",
+            )
         if self.threads is None:
             self.threads = os.cpu_count() or 1
 
@@ -299,6 +326,15 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
         artifacts.append(
             ("PyTorch dynamic INT8 (Linear only)", "torch_dynamic_int8", stage / MODEL_DYNAMIC_PT)
         )
+        if opts.mobile:
+            with _step("ExecuTorch program"):
+                export_executorch(model, meta, stage / MODEL_PTE)
+            artifacts.append(
+                ("ExecuTorch FP32 (XNNPACK, batch 1)", "executorch", stage / MODEL_PTE)
+            )
+            with _step("LiteRT model"):
+                export_litert(model, meta, stage / MODEL_TFLITE)
+            artifacts.append(("LiteRT FP32 (batch 1)", "litert", stage / MODEL_TFLITE))
         triton = None
         if opts.triton:
             with _step("Triton model repository"):
@@ -380,6 +416,20 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
             "max_int8_drop": opts.max_int8_drop,
             "int8_ok": int8_ok,
         }
+        if opts.mobile:
+            # The INT8 gate's rule for each mobile artifact, on counts of correct test images.
+            drops = {}
+            for kind in ("executorch", "litert"):
+                ok, drops[kind] = int8_gate(
+                    correct["onnx_fp32"],
+                    int((logits[kind].argmax(1) == test_y).sum()),
+                    len(test_y),
+                    opts.max_mobile_drop,
+                )
+                checks[f"{kind}_ok"] = ok
+            checks["mobile_top1_drop"] = drops
+            checks["max_mobile_drop"] = opts.max_mobile_drop
+            checks["mobile_ok"] = all(checks[f"{k}_ok"] for k in drops)
         if not checks["fp32_ok"]:
             raise ExportError(
                 f"ONNX Runtime disagrees with PyTorch: max relative error "

@@ -27,13 +27,21 @@ from resnet18_dist.integrations.wandb import log_export
 def gate_message(report: dict[str, Any], out: Path | str) -> str | None:
     """The one line that fails an export whose INT8 model loses too much; None when it passes."""
     checks = report["checks"]
-    if checks["int8_ok"]:
+    failed = []
+    if not checks["int8_ok"]:
+        failed.append(
+            f"INT8 loses {checks['int8_top1_drop']:.2f} points of test top-1 against FP32, "
+            f"more than --max-int8-drop {checks['max_int8_drop']:g}"
+        )
+    for kind, name in (("executorch", "ExecuTorch"), ("litert", "LiteRT")):
+        if not checks.get(f"{kind}_ok", True):
+            failed.append(
+                f"{name} loses {checks['mobile_top1_drop'][kind]:.2f} points of test top-1 "
+                f"against FP32, more than --max-mobile-drop {checks['max_mobile_drop']:g}"
+            )
+    if not failed:
         return None
-    return (
-        f"error: INT8 loses {checks['int8_top1_drop']:.2f} points of test top-1 against FP32, "
-        f"more than --max-int8-drop {checks['max_int8_drop']:g} (the artifacts are in {out}; "
-        "see Checks above)"
-    )
+    return f"error: {'; '.join(failed)} (the artifacts are in {out}; see Checks above)"
 
 
 def export_and_gate(

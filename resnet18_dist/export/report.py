@@ -50,7 +50,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             if c["int8_ok"]
             else f"(FAILED: more than --max-int8-drop {c['max_int8_drop']:g})"
         )
-        + f"; INT8 top-1 agreement with FP32 {c['int8_top1_agreement']:.2%}",
+        + f"; INT8 top-1 agreement with FP32 {c['int8_top1_agreement']:.2%}"
+        + "".join(
+            f"; {name} top-1 drop against FP32 {c['mobile_top1_drop'][kind]:+.2f} points "
+            + (
+                f"(<= {c['max_mobile_drop']:g}, ok)"
+                if c[f"{kind}_ok"]
+                else f"(FAILED: more than --max-mobile-drop {c['max_mobile_drop']:g})"
+            )
+            for kind, name in (("executorch", "ExecuTorch"), ("litert", "LiteRT"))
+            if "mobile_top1_drop" in c
+        ),
         "",
         "Peak RSS is the measuring process's peak while loading the artifact and timing it; "
         "model MB is that peak minus the process's size after importing its runtime. Latency is "
