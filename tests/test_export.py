@@ -557,3 +557,84 @@ def test_mobile_artifacts_run_in_their_own_runtimes_within_the_gate(
         tflite = interpreter.get_tensor(outp["index"])
         for got in (pte, tflite):
             np.testing.assert_allclose(got, expected[i : i + 1], rtol=1e-3, atol=1e-4)
+
+
+def _report_with(checks: dict) -> dict:
+    """A report as export_artifacts writes one, its rows left out: what the gate reads."""
+    return {
+        "checkpoint": "runs/r/checkpoint_epoch0003/checkpoint.pt",
+        "test_images": 360,
+        "image_size": 8,
+        "data_dir": "data/digits",
+        "calibration_images": 360,
+        "calibration_method": "minmax",
+        "reduce_range": False,
+        "machine": "a test machine",
+        "tensorrt": "disabled with --no-tensorrt",
+        "triton": None,
+        "rows": [],
+        "checks": {
+            "onnx_checker": {"model.onnx": "passed", "model.int8.onnx": "passed"},
+            "fp32_max_rel_err": 1e-7,
+            "fp32_ok": True,
+            "int8_top1_agreement": 1.0,
+            "int8_top1_drop": 0.0,
+            "max_int8_drop": 1.0,
+            "int8_ok": True,
+            **checks,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("checks", "failed"),
+    [
+        ({}, []),  # no --mobile: INT8 alone
+        (
+            {
+                "mobile_top1_drop": {"executorch": 0.0, "litert": 2.5},
+                "max_mobile_drop": 1.0,
+                "executorch_ok": True,
+                "litert_ok": False,
+                "mobile_ok": False,
+            },
+            ["LiteRT loses 2.50 points of test top-1 against FP32, more than --max-mobile-drop 1"],
+        ),
+        (
+            {
+                "int8_top1_drop": 3.0,
+                "int8_ok": False,
+                "mobile_top1_drop": {"executorch": 1.25, "litert": 0.0},
+                "max_mobile_drop": 1.0,
+                "executorch_ok": False,
+                "litert_ok": True,
+                "mobile_ok": False,
+            },
+            [
+                "INT8 loses 3.00 points of test top-1 against FP32, more than --max-int8-drop 1",
+                "ExecuTorch loses 1.25 points of test top-1 against FP32, more than "
+                "--max-mobile-drop 1",
+            ],
+        ),
+    ],
+)
+def test_the_gates_name_every_artifact_that_loses_too_much(checks: dict, failed: list) -> None:
+    """The INT8 and mobile gates in one error line (the command's exit 1) and in report.md."""
+    from resnet18_dist.export.publish import gate_message
+    from resnet18_dist.export.report import render_markdown
+
+    report = _report_with(checks)
+    message = gate_message(report, "exports/r")
+    if not failed:
+        assert message is None
+    else:
+        assert (
+            message
+            == f"error: {'; '.join(failed)} (the artifacts are in exports/r; see Checks above)"
+        )
+    text = render_markdown(report)
+    assert text.count("(FAILED: more than --max-") == len(failed), text
+    if "mobile_top1_drop" in checks:
+        assert "ExecuTorch top-1 drop against FP32" in text and "LiteRT top-1 drop" in text
+    else:
+        assert "ExecuTorch" not in text and "LiteRT" not in text

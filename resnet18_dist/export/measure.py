@@ -117,8 +117,12 @@ def _runner(
 
     torch.set_num_threads(threads)
     if kind == "executorch":
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
 
+        # XNNPACK's thread pool sizes itself to every core; torch.set_num_threads does not
+        # reach it, and every row is measured with the same --threads.
+        _unsafe_reset_threadpool(threads)
         method = Runtime.get().load_program(path).load_method("forward")
         return _one_at_a_time(lambda x: method.execute([torch.from_numpy(x)])[0].numpy())
     if kind == "tensorrt":

@@ -241,6 +241,7 @@ def _onnx_checker(*paths: Path) -> dict[str, str]:
 
 # The rows every export measures; TensorRT's, when built, starts once it is.
 PRESTARTED = ("torch_fp32", "onnx_fp32", "onnx_int8", "torch_dynamic_int8")
+MOBILE_KINDS = ("executorch", "litert")
 
 
 def measure_row(
@@ -285,7 +286,9 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="r18d-export-") as tmp,
         # Their interpreters and runtimes load while this process exports (measure.py).
-        measuring_processes(list(PRESTARTED), Path(tmp)) as measurers,
+        measuring_processes(
+            [*PRESTARTED, *(MOBILE_KINDS if opts.mobile else ())], Path(tmp)
+        ) as measurers,
         staged_directory(Path(opts.out)) as stage,
     ):
         test_x, test_y = _split_array(
@@ -419,7 +422,7 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
         if opts.mobile:
             # The INT8 gate's rule for each mobile artifact, on counts of correct test images.
             drops = {}
-            for kind in ("executorch", "litert"):
+            for kind in MOBILE_KINDS:
                 ok, drops[kind] = int8_gate(
                     correct["onnx_fp32"],
                     int((logits[kind].argmax(1) == test_y).sum()),

@@ -1,4 +1,5 @@
-"""An export as a command finishes it: made, shown, logged to W&B, then held to the INT8 gate.
+"""An export as a command finishes it: made, shown, logged to W&B, then held to its gates (INT8,
+and with --mobile the ExecuTorch and LiteRT models).
 `resnet18-dist export` and a sweep's best trial (tuning/sweep.py) both end this way, so its
 error handling, its messages and its exit code are written once, here."""
 
@@ -25,7 +26,8 @@ from resnet18_dist.integrations.wandb import log_export
 
 
 def gate_message(report: dict[str, Any], out: Path | str) -> str | None:
-    """The one line that fails an export whose INT8 model loses too much; None when it passes."""
+    """The one line that fails an export whose INT8 (or, with --mobile, ExecuTorch or LiteRT)
+    model loses too much test top-1 against FP32; None when all pass."""
     checks = report["checks"]
     failed = []
     if not checks["int8_ok"]:
@@ -53,7 +55,7 @@ def export_and_gate(
     beside: Callable[[Path], None] | None = None,
 ) -> int:
     """Export ``opts.checkpoint`` into ``opts.out``, print the report, log the export to W&B
-    (``opts.wandb_mode``, project and group) and apply the INT8 gate. Returns the exit code: 0,
+    (``opts.wandb_mode``, project and group) and apply the gates. Returns the exit code: 0,
     or 1 after one ``error:`` line on stderr (a checkpoint, dataset, export, write or upload
     error, which leaves nothing a reader takes for an export in ``opts.out``; or the gate, which
     leaves the artifacts for a look). ``beside`` writes the caller's own files into the finished
