@@ -340,8 +340,8 @@ def test_a_sweeps_best_trial_export_fails_the_export_commands_way(
 ) -> None:
     """The sweep's best trial goes through the export command's own ending
     (export/publish.export_and_gate): the same one-line error and exit code, nothing in best/."""
-    from tuning.space import SweepConfig
-    from tuning.sweep import TrialRow, export_best
+    from resnet18_dist.tuning.space import SweepConfig
+    from resnet18_dist.tuning.sweep import TrialRow, export_best
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")

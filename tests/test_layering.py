@@ -1,6 +1,7 @@
 """The package's floors, read from the source: a module imports only from its own floor or
 lower ones, so the core (models, data, engine) never depends on exports, integrations, serving,
-the sweep (the top-level ``tuning`` package) or commands. Imports inside functions count too: a
+the sweep (the checkout's top-level ``tuning/``, imported as ``resnet18_dist.tuning``) or
+commands. Imports inside functions count too: a
 lazy import is still a dependency."""
 
 from __future__ import annotations
@@ -24,15 +25,13 @@ FLOORS = {
     "integrations": 3,
     "serve": 3,
     "launching": 4,  # the Ray cluster and the preflight every training launcher shares
-    "tuning": 4,  # tuning/ (Ray Tune): trains and exports through the floors below
+    "tuning": 4,  # tuning/ as resnet18_dist.tuning (Ray Tune): trains and exports below it
     "commands": 5,
 }
 
 
 def _floor_of_module(dotted: str) -> int | None:
     parts = dotted.split(".")
-    if parts[0] == "tuning":
-        return FLOORS["tuning"]
     if parts[0] != "resnet18_dist":
         return None
     if len(parts) >= 2 and parts[1] in FLOORS:
@@ -87,7 +86,7 @@ def test_the_layering_check_sees_a_violation(tmp_path: Path, monkeypatch) -> Non
     (fake / "engine" / "bad.py").write_text(
         "def f():\n    from resnet18_dist.export.pipeline import ExportOptions\n"
     )
-    (fake / "engine" / "sweeps.py").write_text("import tuning.sweep\n")
+    (fake / "engine" / "sweeps.py").write_text("import resnet18_dist.tuning.sweep\n")
     (fake / "integrations").mkdir()
     (fake / "integrations" / "up.py").write_text(
         "from resnet18_dist.launching.preflight import preflight\n"
@@ -100,7 +99,7 @@ def test_the_layering_check_sees_a_violation(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setattr(module, "TUNING", tuning)
     assert _violations() == [
         "resnet18_dist/engine/bad.py:2 imports resnet18_dist.export.pipeline (floor 3 > 2)",
-        "resnet18_dist/engine/sweeps.py:1 imports tuning.sweep (floor 4 > 2)",
+        "resnet18_dist/engine/sweeps.py:1 imports resnet18_dist.tuning.sweep (floor 4 > 2)",
         "resnet18_dist/integrations/up.py:1 imports resnet18_dist.launching.preflight "
         "(floor 4 > 3)",
         "tuning/bad.py:1 imports resnet18_dist.commands.export (floor 5 > 4)",
@@ -147,3 +146,59 @@ def test_run_file_names_are_written_once(tmp_path: Path) -> None:
     for top in ("resnet18_dist", "launch", "benchmarks"):
         (tmp_path / top).mkdir()
     assert run_file_literals(tmp_path) == ["tuning/x.py:3 'metrics.jsonl'"]
+
+
+# ------------------------------------------------------------------------------ packaging
+def test_the_install_names_every_package_and_puts_tuning_under_ours() -> None:
+    """pyproject.toml lists every package (discovery cannot map tuning/ under ours): a new
+    subpackage that is not listed would be missing from the wheel."""
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        ".".join(("resnet18_dist", *p.parent.relative_to(PACKAGE).parts))
+        for p in PACKAGE.rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert set(setup["packages"]) == folders | {"resnet18_dist.tuning"}
+    assert setup["package-dir"] == {"resnet18_dist.tuning": "tuning"}
+    assert not any(p.split(".")[0] != "resnet18_dist" for p in setup["packages"])
+
+
+def test_tuning_is_ours_installed_or_uploaded_and_never_a_top_level_module(
+    tmp_path: Path,
+) -> None:
+    """Installed (this environment), `tuning` is not an importable top-level name; a checkout
+    imported from PYTHONPATH without installing it (what `ray job submit --working-dir .`
+    uploads) imports its own tuning/ as resnet18_dist.tuning."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    probe = (
+        "import importlib.util, resnet18_dist.tuning.space as s; "
+        "print(importlib.util.find_spec('tuning') is None); print(s.__file__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    installed = subprocess.run(
+        [sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert installed.returncode == 0, installed.stderr
+    top_level, space = installed.stdout.split()
+    assert top_level == "True" and Path(space) == REPO / "tuning" / "space.py"
+
+    upload = tmp_path / "upload"
+    for top in ("resnet18_dist", "tuning"):
+        shutil.copytree(REPO / top, upload / top, ignore=shutil.ignore_patterns("__pycache__"))
+    uploaded = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=elsewhere,
+        env={**env, "PYTHONPATH": str(upload)},
+        capture_output=True,
+        text=True,
+    )
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert Path(uploaded.stdout.split()[1]) == upload / "tuning" / "space.py", uploaded.stdout

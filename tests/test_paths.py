@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-import resnet18_dist
 from resnet18_dist.cli import build_parser, parse_options
 from resnet18_dist.options import Options
 
 # Every command's options class (the sweep's includes the training options).
 OPTION_CLASSES = {
     "train": "resnet18_dist.config:TrainConfig",
-    "sweep": "tuning.space:SweepConfig",
+    "sweep": "resnet18_dist.tuning.space:SweepConfig",
     "prepare": "resnet18_dist.data.prepare:PrepareOptions",
     "export": "resnet18_dist.export.pipeline:ExportOptions",
     "predict": "resnet18_dist.commands.predict:PredictOptions",
@@ -57,9 +56,14 @@ def _load(spec: str) -> type[Options]:
 
 def _project_exceptions() -> list[type[BaseException]]:
     found: dict[str, type[BaseException]] = {}
-    walk = pkgutil.walk_packages(resnet18_dist.__path__, "resnet18_dist.")
+    import resnet18_dist.tuning  # tuning/ of the checkout, mapped under the package
+
+    walk = [
+        *pkgutil.walk_packages(resnet18_dist.__path__, "resnet18_dist."),
+        *pkgutil.walk_packages(resnet18_dist.tuning.__path__, "resnet18_dist.tuning."),
+    ]
     names = [m.name for m in walk if not m.name.endswith("__main__")]  # __main__ runs
-    for name in [*names, "tuning.space", "tuning.sweep", "tuning.trial"]:
+    for name in names:
         try:
             module = importlib.import_module(name)
         except ImportError:  # an optional extra (TensorRT...) that is not installed
@@ -68,7 +72,7 @@ def _project_exceptions() -> list[type[BaseException]]:
             if (
                 inspect.isclass(obj)
                 and issubclass(obj, BaseException)
-                and obj.__module__.split(".")[0] in ("resnet18_dist", "tuning")
+                and obj.__module__.split(".")[0] == "resnet18_dist"
             ):
                 found[f"{obj.__module__}.{obj.__qualname__}"] = obj
     return list(found.values())

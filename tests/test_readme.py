@@ -31,7 +31,7 @@ from resnet18_dist.config import TrainConfig
 from resnet18_dist.data.prepare import PrepareOptions
 from resnet18_dist.export.pipeline import ExportOptions
 from resnet18_dist.serve.options import ServeOptions
-from tuning.space import SweepOptions
+from resnet18_dist.tuning.space import SweepOptions
 
 from .conftest import MAIN_JOB, REPO, free_port, subset_folder, user_env
 from .test_serve import assert_same, digit_files, predict_cli

@@ -124,7 +124,7 @@ def test_portable_run_names_are_kept_and_the_sweep_checks_its_name_too(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from resnet18_dist.cli import build_parser, parse_options
-    from tuning.space import SweepConfig
+    from resnet18_dist.tuning.space import SweepConfig
 
     for name in ("", "r1", "exp-2.v1_A", "train-20250101-120000-2", "trial-00003", "..a"):
         assert RunConfig(name=name).name == name

@@ -14,14 +14,14 @@ from .conftest import REPO
 
 def _sweep_config(argv: list[str]):
     from resnet18_dist.cli import build_parser, parse_options
-    from tuning.space import SweepConfig
+    from resnet18_dist.tuning.space import SweepConfig
 
     return parse_options(SweepConfig, build_parser(SweepConfig, "sweep"), argv)
 
 
 def test_recipe_values_reach_every_trial_config_under_the_given_ones(tmp_path: Path) -> None:
     from resnet18_dist.config import RECIPES
-    from tuning.space import trial_config
+    from resnet18_dist.tuning.space import trial_config
 
     cfg = _sweep_config(["--recipe", "cifar", "--batch-size", "64", "--output-dir", str(tmp_path)])
     trial = trial_config(
@@ -45,7 +45,7 @@ def test_recipe_values_reach_every_trial_config_under_the_given_ones(tmp_path: P
 def _saved_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str):
     """sweep_config.yaml as the sweep writes it, for `--name s1 --output-dir sweeps ARGS` typed
     in ``tmp_path``."""
-    from tuning.sweep import SWEEP_CONFIG
+    from resnet18_dist.tuning.sweep import SWEEP_CONFIG
 
     monkeypatch.chdir(tmp_path)
     cfg = _sweep_config(["--name", "s1", "--output-dir", "sweeps", *args])
@@ -87,7 +87,7 @@ def test_the_same_options_fresh_and_run_controls_pass_the_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from resnet18_dist.options import ConfigError
-    from tuning.sweep import check_same_sweep
+    from resnet18_dist.tuning.sweep import check_same_sweep
 
     sweep_dir = _saved_sweep(tmp_path, monkeypatch, "--num-samples", "4")
     same = _sweep_config(["--name", "s1", "--output-dir", "sweeps", "--num-samples", "4"])

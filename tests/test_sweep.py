@@ -26,7 +26,7 @@ def test_asha_rungs_end_before_the_last_epoch() -> None:
     report; with the grace period at the last epoch there is nothing to stop."""
     from ray.tune.schedulers import FIFOScheduler
 
-    from tuning.sweep import asha_scheduler
+    from resnet18_dist.tuning.sweep import asha_scheduler
 
     for epochs, grace, rf in ((2, 1, 2), (3, 1, 2), (4, 1, 2), (16, 1, 2), (9, 1, 3), (8, 2, 2)):
         rungs = [r[0] for r in asha_scheduler(epochs, grace, rf)._brackets[0]._rungs]
@@ -35,7 +35,7 @@ def test_asha_rungs_end_before_the_last_epoch() -> None:
 
 
 def test_the_best_trial_is_chosen_by_validation_never_by_test(tmp_path: Path) -> None:
-    from tuning.sweep import TrialRow, pick_best
+    from resnet18_dist.tuning.sweep import TrialRow, pick_best
 
     def row(name: str, val: float, test: float | None, status: str = "finished") -> TrialRow:
         return TrialRow(name, name, {}, val, 3, False, status, test, 1.0, tmp_path, [val])
@@ -78,7 +78,7 @@ def test_bad_sweep_options_exit_2_naming_the_option_before_ray(
 
 
 def test_sweep_config_overrides_and_trial_values() -> None:
-    from tuning.space import SweepConfig, trial_config
+    from resnet18_dist.tuning.space import SweepConfig, trial_config
 
     cfg = SweepConfig.from_dict(
         {"optim": {"epochs": 5, "lr": 0.1}, "sweep": {"lr_range": "0.01,1", "max_epochs": 3}}

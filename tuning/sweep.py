@@ -22,8 +22,8 @@ from resnet18_dist.cli import absolute_paths
 from resnet18_dist.model_meta import REPORT_JSON
 from resnet18_dist.options import ConfigError, coerce, default_of, flag, read_yaml
 from resnet18_dist.run_files import CONFIG_FILE, REPORT_FILE
-from tuning.space import SEARCHED, SweepConfig, format_value, param_space
-from tuning.trial import METRIC, TIME_ATTR, run_trial, trial_run_name
+from resnet18_dist.tuning.space import SEARCHED, SweepConfig, format_value, param_space
+from resnet18_dist.tuning.trial import METRIC, TIME_ATTR, run_trial, trial_run_name
 
 BEST_DIR = "best"
 TRIALS_CSV = "trials.csv"

@@ -65,7 +65,7 @@ def run_trial(
     import ray.tune
 
     from resnet18_dist.integrations.ray_train import build_trainer
-    from tuning.space import trial_config
+    from resnet18_dist.tuning.space import trial_config
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, sampled)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from resnet18_dist.cli import build_parser, parse_options
 from resnet18_dist.options import ConfigError
-from tuning.space import SweepConfig
+from resnet18_dist.tuning.space import SweepConfig
 
 
 def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     from resnet18_dist.launching.ray_cluster import check_resources, require_train_v2, start_ray
     from resnet18_dist.logs import setup_logging
     from resnet18_dist.run_location import RunLocation, unique_name
-    from tuning.sweep import (
+    from resnet18_dist.tuning.sweep import (
         SWEEP_CONFIG,
         build_tuner,
         check_same_sweep,
