@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -198,29 +199,28 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return run, log
 
 
-@pytest.fixture(scope="session")
-def digits_export(
-    digits_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, dict]:
-    """The main job's run exported (model.pt, ONNX FP32 and INT8, a Triton repository, report),
-    measured briefly; (the export directory, the export's report)."""
-    from resnet18_dist.export.pipeline import ExportOptions, export_artifacts
+# The README's export of the quick start's run, word for word (tests/test_readme.py checks that
+# it still is, and types it with the options it appends: tests/test_readme.py OVERRIDES).
+README_EXPORT = "python launch/export.py --checkpoint runs/<name> --out exports/<name> --triton"
+# The consoles of the README commands that a session fixture ran, for tests/test_readme.py.
+SHARED_CONSOLES: dict[str, str] = {}
 
-    out = tmp_path_factory.mktemp("main-export") / "digits"
-    report = export_artifacts(
-        ExportOptions(
-            checkpoint=str(digits_run[0]),
-            out=str(out),
-            threads=2,
-            latency_iters=EXPORT_LATENCY_ITERS,
-            throughput_seconds=0.5,
-            tensorrt=True,
-            triton=True,
-            wandb_mode="disabled",
-            quiet=True,
-        )
-    )
-    return out, report
+
+@pytest.fixture(scope="session")
+def digits_export(digits_run: tuple[Path, str]) -> tuple[Path, dict]:
+    """The README's export of the main job's run (model.pt, ONNX FP32 and INT8, a Triton
+    repository, the report), typed in the main job's working directory as tests/test_readme.py
+    types it; (the export directory, its report). One export for every test that needs one,
+    and the one the README's later commands (predict, serve) use."""
+    from .test_readme import UserShell, page_commands, read_pages
+
+    cwd = digits_run[0].parents[1]
+    command = next(c for c in page_commands(read_pages()) if c.text == README_EXPORT)
+    shell = UserShell(cwd, flowers=cwd / "data" / "flowers")
+    shell.run(command)
+    SHARED_CONSOLES[command.text] = shell.outputs[command.text]
+    out = cwd / "exports" / digits_run[0].name
+    return out, json.loads((out / "report.json").read_text())
 
 
 EXPORT_LATENCY_ITERS = 20

@@ -272,10 +272,21 @@ def registered_epoch(run_dir: Path) -> int:
     workers' report; a file on disk alone is not enough): what a restarted worker group
     restores. 0 before the first."""
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):  # not written yet, or being replaced
+        return registered_in((run_dir / SNAPSHOT).read_text())
+    except OSError:  # not written yet
         return 0
-    names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's, in the run directory or prefix
+
+
+def registered_in(snapshot: str | bytes) -> int:
+    """registered_epoch() of a snapshot's text (read from a disk or a bucket)."""
+    try:
+        parsed = json.loads(snapshot)
+    except ValueError:  # being replaced
+        return 0
+    names = [r["checkpoint_dir_name"] for r in parsed.get("checkpoint_results", [])]
     return max((int(n.removeprefix("checkpoint_epoch")) for n in names), default=0)
 
 

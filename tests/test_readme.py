@@ -33,8 +33,18 @@ from resnet18_dist.export.pipeline import ExportOptions
 from resnet18_dist.serve.options import ServeOptions
 from resnet18_dist.tuning.space import SweepOptions
 
-from .conftest import MAIN_JOB, REPO, free_port, subset_folder, user_env
+from .conftest import (
+    EXPORT_LATENCY_ITERS,
+    MAIN_JOB,
+    README_EXPORT,
+    REPO,
+    SHARED_CONSOLES,
+    free_port,
+    subset_folder,
+    user_env,
+)
 from .test_serve import assert_same, digit_files, predict_cli
+from .test_sweep import README_SWEEP, README_SWEEP_WHY
 
 TABLES = {
     "train": TrainConfig,
@@ -137,6 +147,7 @@ SKIPPED: tuple[Skip, ...] = (
         "needs the internet",
         ("python launch/prepare_data.py --source data/cifar-raw --download --out data/cifar10",),
     ),
+    Skip("the README's sweep", README_SWEEP_WHY, (README_SWEEP,)),
     Skip(
         "a started Ray cluster and `ray job submit`",
         "`ray start` leaves a cluster running; tests/test_multinode.py starts one on loopback and "
@@ -293,19 +304,9 @@ OVERRIDES: tuple[Override, ...] = (
         "4 workers do not fit on a 2-CPU machine (refused, exit 2)",
     ),
     Override(
-        "python launch/sweep.py",
-        (
-            *("--num-samples", "1", "--max-epochs", "1", "--width", "0.25"),
-            *("--max-int8-drop", "100", "--latency-iters", "2", "--throughput-seconds", "0.1"),
-        ),
-        "one 1-epoch trial at a quarter of the width; a 1-epoch model's INT8 copy may lose "
-        "more than the gate's 1 point (the gate is tested in tests/test_export.py); the best "
-        "trial's export measures briefly",
-    ),
-    Override(
         "python launch/export.py",
-        ("--latency-iters", "2", "--throughput-seconds", "0.1", "--max-int8-drop", "100"),
-        "measure briefly; the INT8 gate as for the sweep",
+        ("--latency-iters", str(EXPORT_LATENCY_ITERS), "--throughput-seconds", "0.5"),
+        "measure briefly; the INT8 gate as written (1 point)",
     ),
     Override("python launch/serve.py", ("--port", "{port}"), "a free port"),
 )
@@ -320,12 +321,15 @@ SUBSTITUTIONS: tuple[Substitution, ...] = (
     Substitution("127.0.0.1:8000", "127.0.0.1:{port}", "the server's free port"),
 )
 
-# Commands a session-wide fixture of tests/conftest.py runs once, exactly as written, in the
+# Commands a session-wide fixture of tests/conftest.py runs once, as this test types them, in the
 # working directory the README's other commands then run in; the test reads their console.
 SHARED: dict[str, str] = {
     MAIN_JOB: "the quick start's main job, run once per test session as written (the default 15 "
     "epochs of the real ResNet18, 2 DDP workers; `digits_run` in tests/conftest.py): its run "
     "is the one the later commands export and serve, and tests/test_ray_job.py checks its bar",
+    README_EXPORT: "the main job's run exported, run once per test session (`digits_export` in "
+    "tests/conftest.py): every test of an export (tests/test_export.py, test_serve.py, "
+    "test_export_s3.py) uses it, and the README's predict and serve commands use it here",
 }
 
 # Files the README's commands name as the user's own, made in the working directory first.
@@ -463,7 +467,7 @@ def readme_tests_markdown() -> str:
     lines += [f"- {code(s.old)}: {s.why}" for s in SUBSTITUTIONS]
     files = ", ".join(f"{code(n)} ({what})" for n, what in USER_FILES.items())
     lines += ["", f"The user's own files, made first: {files}.", ""]
-    lines += ["Run once per test session, as written, and shared:", ""]
+    lines += ["Run once per test session (typed as above), and shared:", ""]
     lines += [f"- {code(c)}: {why}" for c, why in SHARED.items()]
     lines += [""]
     lines += ["What the README-as-tests do not run:", ""]
@@ -821,7 +825,10 @@ def test_a_broken_readme_command_fails_naming_it(tmp_path: Path, digits_folder: 
 @pytest.mark.slow
 @pytest.mark.ray
 def test_readme_commands_run_as_a_user_runs_them(
-    tmp_path: Path, digits_folder: Path, digits_run: tuple[Path, str]
+    tmp_path: Path,
+    digits_folder: Path,
+    digits_run: tuple[Path, str],
+    digits_export: tuple[Path, dict],
 ) -> None:
     pages = read_pages()
     commands = page_commands(pages)
@@ -830,6 +837,7 @@ def test_readme_commands_run_as_a_user_runs_them(
     make_user_files(cwd, digits_folder)
     shell = UserShell(cwd, subset_folder(digits_folder, tmp_path / "flowers", per_class=20))
     shell.outputs[MAIN_JOB] = digits_run[1]
+    shell.outputs.update(SHARED_CONSOLES)  # the export (digits_export), in this directory
     served_int8 = []
 
     def int8_matches_predict(url: str, words: list[str], token: str | None) -> None:
@@ -857,17 +865,12 @@ def test_readme_commands_run_as_a_user_runs_them(
     finally:
         for typed, wall, cpu in shell.timings:
             print(f"{wall:6.1f} s wall {cpu:6.1f} s CPU  {typed}")
-    # The README's sample consoles have the shape of today's: W&B is off here (its line aside),
-    # and the sweep's one trial is the best (the sample's other rows aside).
+    # The quick start's sample console has the shape of today's: W&B is off here (its line
+    # aside). (The sweep's console is checked by tests/test_sweep.py, which runs it.)
     quick_start = next(c for c in commands if c.section == "Quick start" and not skipped(c))
-    sweep = next(c for c in commands if c.text.startswith("python launch/sweep.py"))
-    for page, section, command, aside in (
-        ("README.md", "Quick start", quick_start, "W&B"),
-        ("docs/sweeps.md", "Sweeps", sweep, r"^trial-\d+ (?!\*)|^-+ "),
-    ):
-        console = shell.outputs[command.text]
-        missing = missing_lines(sample_output(pages[page], section), console, aside)
-        assert missing == [], f"{section}: the console has no line like these: {missing}\n{console}"
+    console = shell.outputs[quick_start.text]
+    missing = missing_lines(sample_output(pages["README.md"], "Quick start"), console, "W&B")
+    assert missing == [], f"Quick start: the console has no line like these: {missing}\n{console}"
     cwd = shell.cwd
     run = cwd / "runs" / shell.values()["run"]
     assert run == digits_run[0]  # the export, predict and serve commands used the main job's run
@@ -875,8 +878,6 @@ def test_readme_commands_run_as_a_user_runs_them(
         assert (run / name).is_file(), name
     assert (run / "checkpoint_epoch0015" / "checkpoint.pt").is_file()  # the default 15 epochs
     assert (cwd / "data" / "flowers" / "manifest.json").is_file()
-    for name in ("trials.csv", "sweep.png", "best/model.onnx", "best/trial.json"):
-        assert (cwd / "sweeps" / "s1" / name).is_file(), name
     for name in ("model.pt", "model.onnx", "model.int8.onnx", "report.json", "report.md"):
         assert (cwd / "exports" / run.name / name).is_file(), name
     assert (cwd / "exports" / run.name / "triton" / "resnet18" / "config.pbtxt").is_file()

@@ -170,7 +170,7 @@ def test_classify_matches_predict(server: Server, exported: Path, digits_folder:
         )
         assert raw.status_code == 200, raw.text
         body = raw.json()
-        assert body["model"] == "digits" and body["artifact"] == "fp32"
+        assert body["model"] == exported.name and body["artifact"] == "fp32"
         assert re.fullmatch(r"[0-9a-f]{16}", body["version"])
         assert_same(body["predictions"], cli[str(f)])
         form = requests.post(

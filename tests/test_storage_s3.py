@@ -1,7 +1,8 @@
 """Runs on object storage, against a real S3 API server on loopback (moto's standalone server):
-a 2-worker run writes its checkpoints to the bucket, a killed run resumes from there, the export
-reads the run from there, and `--fresh --resume` from the run's own checkpoint reads the copy it
-moved aside."""
+a 2-worker run writes its checkpoints to the bucket and survives a killed worker (Ray restarts
+the group from the bucket) and a killed driver (the same command resumes from the bucket), the
+export reads the run from there, and `--fresh --resume` from the run's own checkpoint reads the
+copy it moved aside."""
 
 from __future__ import annotations
 
@@ -9,27 +10,37 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from .conftest import REPO, launch, train_args
-from .ray_cluster import kill_with_its_ray
+from .ray_cluster import SNAPSHOT, kill_with_its_ray, registered_in
 from .s3_server import BUCKET
 from .s3_server import creds as _creds
 from .s3_server import get_object as _get
 from .s3_server import objects as _objects
+from .test_fault_tolerance import _cmdline, _signal
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
+def test_a_run_on_s3_survives_a_killed_worker_and_driver_and_exports_from_the_bucket(
     s3: dict[str, str], digits_dataset: Path, tmp_path: Path
 ) -> None:
+    """One run on a bucket, two failures. A worker is killed (SIGKILL, as an OOM killer
+    would) once epoch 2 is registered: with --max-failures 1 Ray Train restarts the group from
+    that checkpoint in the bucket. Then the process running launch/train.py dies with its
+    private Ray (a lost laptop session, a killed job): the same command again reads the bucket
+    and resumes from the newest complete checkpoint there, no flag needed. Every epoch is
+    trained and logged once across the three worker groups; nothing is written to a local
+    disk but the dataset's verified cache copy."""
     env = {**os.environ, **s3, "RESNET18_DIST_CACHE": str(tmp_path / "cache")}
     runs = f"s3://{BUCKET}/runs"
     data = f"s3://{BUCKET}/datasets/digits"  # the data comes from the bucket too
@@ -37,23 +48,56 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
     cmd = [
         sys.executable,
         str(REPO / "launch/train.py"),
-        # Storage, resume and export, not learning: a ResNet18 at a quarter of the width, six
-        # short epochs, so that the kill lands well before the last one.
-        *("--data-dir", data, "--epochs", "6", "--width", "0.25"),
-        *train_args(Path("unused"), "s3run", 2),
+        # Storage, failures, resume and export, not learning: a ResNet18 at a quarter of the
+        # width, eight short epochs, so that both kills land well before the last one.
+        *("--data-dir", data, "--epochs", "8", "--width", "0.25"),
+        *train_args(Path("unused"), "s3run", 2, "--cpus-per-worker", "1", "--max-failures", "1"),
         "--output-dir",
         runs,  # the last --output-dir wins
     ]
     prefix = "runs/s3run/"
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def registered() -> int:
+        try:
+            return registered_in(_get(s3, prefix + SNAPSHOT))
+        except Exception:  # not in the bucket yet
+            return 0
+
+    first_log = tmp_path / "first.log"
+
+    def wait_for(what: str, ready) -> None:
         deadline = time.monotonic() + 600
-        while f"{prefix}checkpoint_epoch0002/checkpoint.pt" not in _objects(s3, prefix):
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.monotonic() < deadline
+        while not ready():
+            assert first.poll() is None, f"ended waiting for {what}:\n" + first_log.read_text()
+            assert time.monotonic() < deadline, what
             time.sleep(0.3)
-        kill_with_its_ray(first)  # the driver dies, and its private Ray with it
-    # The two ranks on this node made one verified copy of the dataset, byte for byte.
+
+    with open(first_log, "w") as log:
+        first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # Epoch 2 registered by Ray: a worker dies early in epoch 3.
+        wait_for("epoch 2", lambda: registered() >= 2)
+        workers = [
+            p
+            for p in psutil.Process(first.pid).children(recursive=True)
+            if "RayTrainWorker" in " ".join(_cmdline(p))
+        ]
+        assert workers, "no Ray Train worker to kill"
+        # The workers hold still (as in a long epoch) while one is killed, so that a fast
+        # epoch cannot end the run first.
+        _signal(workers, signal.SIGSTOP)
+        workers[0].send_signal(signal.SIGKILL)
+        _signal(workers, signal.SIGCONT)
+        # Ray restarts the group from the checkpoint; once the new group has checkpointed an
+        # epoch of its own, the session is lost: the driver and its private Ray die together.
+        wait_for("the restored group's checkpoint", lambda: registered() >= 3)
+        kill_with_its_ray(first)
+    text = first_log.read_text()
+    assert re.search(
+        r"Ray Train restored checkpoint \S*/runs/s3run/checkpoint_epoch000[23]", text
+    ), text
+    assert len(re.findall(r"epoch 1/8: train loss", text)) == 1, text[-3000:]  # resumed
+    # The two ranks on this node made one verified copy of the dataset, byte for byte (the
+    # restarted group reused it).
     copies = list((tmp_path / "cache" / "remote-datasets").iterdir())
     assert [c.name.startswith(".") for c in copies].count(False) == 1, copies
     (copy,) = [c for c in copies if not c.name.startswith(".")]
@@ -69,32 +113,34 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
         for k in objects
         if (m := re.match(rf"{prefix}checkpoint_epoch(\d+)/checkpoint.pt$", k))
     )
-    assert 2 <= done < 6
+    assert 3 <= done < 8, done
 
     # The same command again: the plan reads the bucket and resumes from its checkpoint.
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
-    assert f"resuming unfinished run {runs}/s3run at epoch {done + 1} of 6" in out, out[-3000:]
-    trained = [int(e) for e in re.findall(r"epoch (\d+)/6: train loss", out)]
-    assert trained == list(range(done + 1, 7)), trained
+    assert f"resuming unfinished run {runs}/s3run at epoch {done + 1} of 8" in out, out[-3000:]
+    # Epochs before the checkpoint are not trained again; the rest are, once each.
+    trained = [int(e) for e in re.findall(r"epoch (\d+)/8: train loss", out)]
+    assert trained == list(range(done + 1, 9)), trained
     objects = _objects(s3, prefix)
     report = json.loads(_get(s3, f"{prefix}report.json"))
-    assert report["epochs_run"] == 6 and report["test_samples"] == 360
+    assert report["epochs_run"] == 8 and report["test_samples"] == 360
+    assert report["test_top1"] > 0.5
     assert report["run_dir"] == f"{runs}/s3run"
     assert report["resolved"]["data_dir"] == data, report["resolved"]  # not a node's cache path
     assert report["best_model_path"] == f"{runs}/s3run/model.pt" and f"{prefix}model.pt" in objects
     metrics = [json.loads(x)["epoch"] for x in _get(s3, f"{prefix}metrics.jsonl").splitlines()]
-    assert metrics == [0, 1, 2, 3, 4, 5], metrics  # every epoch once, across both drivers
+    assert metrics == list(range(8)), metrics  # every epoch once, across both drivers
     kept = sorted(k for k in objects if k.endswith("/checkpoint.pt"))
     assert kept == [
-        f"{prefix}checkpoint_epoch0005/checkpoint.pt",
-        f"{prefix}checkpoint_epoch0006/checkpoint.pt",
+        f"{prefix}checkpoint_epoch0007/checkpoint.pt",
+        f"{prefix}checkpoint_epoch0008/checkpoint.pt",
     ]
 
     # A finished run on S3 is refused like a local one.
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "already finished (6 epochs" in again.stderr, again.stderr
+    assert again.returncode == 2 and "already finished (8 epochs" in again.stderr, again.stderr
 
     # The export reads the run (its newest checkpoint) straight from the bucket.
     export = launch(
@@ -107,7 +153,7 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
     assert export.returncode == 0, export.stderr[-3000:]
     exported = json.loads((tmp_path / "export" / "report.json").read_text())
     assert exported["checks"]["fp32_ok"], exported["checks"]
-    assert exported["checkpoint"].startswith(f"{runs}/s3run/checkpoint_epoch0006"), exported
+    assert exported["checkpoint"].startswith(f"{runs}/s3run/checkpoint_epoch0008"), exported
     # Each row is measured in a fresh `python -m` process of its own, not a spawned child that
     # re-imports launch/export.py (and torch) first: ONNX Runtime's rows never hold torch, so
     # their peak memory is a fraction of the PyTorch rows' (about 65 MB against 700 MB).
@@ -119,7 +165,7 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
     # checkpoint is read from the copy; the new run's metrics.jsonl holds its own epoch only,
     # none of the old run's lines that this node's local mirror of s3run still holds.
     fresh = subprocess.run(
-        [*cmd, "--epochs", "7", "--fresh", "--resume", f"{runs}/s3run/checkpoint_epoch0006"],
+        [*cmd, "--epochs", "9", "--fresh", "--resume", f"{runs}/s3run/checkpoint_epoch0008"],
         env=env,
         capture_output=True,
         text=True,
@@ -129,13 +175,13 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_from_the_bucket(
     assert fresh.returncode == 0, out[-4000:]
     (moved,) = {k.split("/")[1] for k in _objects(s3, "runs/") if k.startswith("runs/s3run.prev-")}
     assert f"--fresh: the previous run is kept in {runs}/{moved}" in fresh.stdout
-    assert f"starting from checkpoint {runs}/{moved}/checkpoint_epoch0006" in fresh.stdout
-    assert [int(e) for e in re.findall(r"epoch (\d+)/7: train loss", out)] == [7]
-    assert json.loads(_get(s3, f"{prefix}report.json"))["epochs_run"] == 7
+    assert f"starting from checkpoint {runs}/{moved}/checkpoint_epoch0008" in fresh.stdout
+    assert [int(e) for e in re.findall(r"epoch (\d+)/9: train loss", out)] == [9]
+    assert json.loads(_get(s3, f"{prefix}report.json"))["epochs_run"] == 9
     metrics = [json.loads(x)["epoch"] for x in _get(s3, f"{prefix}metrics.jsonl").splitlines()]
-    assert metrics == [6], metrics  # the new run's own epoch; none of the old run's lines
+    assert metrics == [8], metrics  # the new run's own epoch; none of the old run's lines
     old = [json.loads(x)["epoch"] for x in _get(s3, f"runs/{moved}/metrics.jsonl").splitlines()]
-    assert old == [0, 1, 2, 3, 4, 5]
+    assert old == list(range(8))
 
 
 def _upload(env: dict[str, str], local: Path, prefix: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import launch
+from .conftest import REPO, launch, user_env
 from .s3_server import BUCKET, objects
 
 # Sweeps' orchestration (trials, ASHA, resume, export of the best), not learning: a ResNet18 at
@@ -93,16 +94,6 @@ def test_sweep_config_overrides_and_trial_values() -> None:
 
 
 # ------------------------------------------------------------------------------ real sweeps
-def _sweep_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        *("--data-dir", str(data), "--batch-size", "32", "--warmup-epochs", "0"),
-        *("--output-dir", str(out), "--name", name, "--quiet"),
-        # The best trial's export measures briefly: its files and checks are what is tested.
-        *("--latency-iters", "2", "--throughput-seconds", "0.1"),
-        *extra,
-    ]
-
-
 def _rows(sweep_dir: Path) -> list[dict[str, str]]:
     with (sweep_dir / "trials.csv").open() as fh:
         return list(csv.DictReader(fh))
@@ -117,38 +108,66 @@ def _tune_results(sweep_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+# The README's sweep (README.md and docs/sweeps.md), which tests/test_readme.py leaves to this
+# test: typed as written in a user's working directory, with these options appended (argparse
+# keeps the last of a repeated option). With the default --seed the first trial samples lr ~
+# 0.1, the second 1.2e-4 from 1e-4..5: after one epoch the first leads (val top-1 ~0.5) and the
+# second has barely moved (~0.18), so ASHA's rung at epoch 1 (the README's --grace-period 1)
+# stops it. Two trials show it (a third, lr 2.0, only repeated the stop at 14 s a trial).
+README_SWEEP = (
+    "python launch/sweep.py --num-samples 4 --max-epochs 3 --grace-period 1 --lr-range 0.001,5 "
+    "--name s1 --output-dir sweeps"
+)
+README_SWEEP_OPTIONS = (
+    *("--num-samples", "2", "--max-epochs", "2", "--lr-range", "1e-4,5"),
+    *("--batch-size", "32", "--warmup-epochs", "0", *TINY),
+    # SE blocks in every trial (the searched choice, one value here): trials build them.
+    *("--se-choices", "4"),
+    # One trial at a time on any machine, so that the leader reaches the rung first: ASHA never
+    # stops the first trial to report at a rung.
+    *("--max-concurrent", "1"),
+    # Two epochs leave a weak model whose INT8 copy can lose much (the gate is tested in
+    # tests/test_export.py); the best trial's export measures briefly.
+    *("--max-int8-drop", "100", "--latency-iters", "2", "--throughput-seconds", "0.1"),
+    *("--wandb-mode", "offline"),
+)
+README_SWEEP_WHY = (
+    "run by tests/test_sweep.py as written, in a user's working directory, with "
+    f"`{' '.join(README_SWEEP_OPTIONS)} --publish-best s3://...` appended (two trials of the "
+    "default digits, of which ASHA stops the hopeless one; W&B offline; the best trial's export "
+    "also published to a bucket on loopback); its console is checked against docs/sweeps.md's "
+    "sample there"
+)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
-    digits_dataset: Path, digits_folder: Path, tmp_path: Path, s3: dict[str, str]
+def test_the_readmes_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
+    digits_folder: Path, tmp_path: Path, s3: dict[str, str]
 ) -> None:
-    # --seed 0 samples lr ~ 0.1, then 1.2e-4 from 1e-4..5: after one epoch the first leads
-    # (val top-1 ~0.5) and the second has barely moved (~0.18), so ASHA's rung at epoch 1 stops
-    # it. Two trials show it (a third, lr 2.0, only repeated the stop at 14 s a trial).
-    # (The full digits: on the 240 small ones nothing learns in one epoch.)
+    from .test_readme import missing_lines, page_commands, read_pages, sample_output
+
+    pages = read_pages()
+    assert README_SWEEP in {c.text for c in page_commands(pages)}, "the README's sweep changed"
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    (cwd / "launch").symlink_to(REPO / "launch")  # a checkout's launch/, and nothing else
     # The bucket (moto on loopback) the best trial's export is also published to.
-    env = {**os.environ, **s3, "WANDB_MODE": "offline"}
-    published = f"s3://{BUCKET}/sweeps/s/best"
-    proc = launch(
-        "sweep",
-        *_sweep_args(digits_dataset, tmp_path, "s", "--lr-range", "1e-4,5", "--num-samples", "2"),
-        *TINY,
-        # SE blocks in every trial (the searched choice, one value here): trials build them.
-        *("--max-epochs", "2", "--grace-period", "1", "--se-choices", "4"),
-        # One trial at a time on any machine, so that the leader reaches the rung first: ASHA
-        # never stops the first trial to report at a rung.
-        *("--max-concurrent", "1"),
-        *("--wandb-mode", "offline"),
-        # Two epochs at 8 px leave a weak model whose INT8 copy can lose much; the gate itself
-        # is tested in test_export.py and by acceptance 1 (README).
-        *("--max-int8-drop", "100"),
-        *("--publish-best", published),
-        timeout=600,
-        env=env,
+    published = f"s3://{BUCKET}/sweeps/s1/best"
+    env = {**user_env(), **s3, "WANDB_MODE": "offline"}
+    typed = f"{README_SWEEP} {shlex.join(README_SWEEP_OPTIONS)} --publish-best {published}"
+    proc = subprocess.run(
+        ["bash", "-c", typed], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    sweep = tmp_path / "s"
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-6000:]
+    sweep = cwd / "sweeps" / "s1"
     assert "Each trial needs 2 CPU(s): 1 CPU for its Train driver" in proc.stdout
+    # The console has the shape of docs/sweeps.md's sample: every line of it (the finished
+    # trials' rows that are not the best aside: here every trial but the best was stopped).
+    sample = sample_output(pages["docs/sweeps.md"], "Sweeps")
+    missing = missing_lines(sample, console, r"^trial-\d+ (?!\*).* finished |^-+ ")
+    assert missing == [], f"the console has no line like these: {missing}\n{console}"
     rows = _rows(sweep)
     assert len(rows) == 2 and {r["se_reduction"] for r in rows} == {"4"}, rows
 
@@ -186,8 +205,8 @@ def test_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
     # best/ was published to the bucket whole (report last, with every file's hash): predict
     # reads it from there and answers as it does from the local best/.
     assert f"best trial's export published to {published}" in proc.stdout
-    keys = objects(s3, "sweeps/s/best/")
-    assert "sweeps/s/best/report.json" in keys and "sweeps/s/best/trial.json" in keys, keys
+    keys = objects(s3, "sweeps/s1/best/")
+    assert "sweeps/s1/best/report.json" in keys and "sweeps/s1/best/trial.json" in keys, keys
     image = str(sorted((digits_folder / "3").iterdir())[0])
     cache = {**env, "RESNET18_DIST_CACHE": str(tmp_path / "cache")}
     answers = [
@@ -207,7 +226,7 @@ def test_asha_sweep_stops_a_hopeless_trial_and_exports_the_best(
         if t in stopped:
             continue
         text = _leet("--json", str(runs[0]))
-        assert '"s"' in text and '"trial"' in text  # the group and the job type
+        assert '"s1"' in text and '"trial"' in text  # the group and the job type
         summary = json.loads(_leet("--summary", "--json", str(runs[0])))
         row = next(r for r in rows if r["trial"] == trial_dir.name)
         assert summary["config"]["optim"]["lr"] == pytest.approx(float(row["lr"]))  # sampled
