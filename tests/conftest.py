@@ -215,7 +215,9 @@ def digits_export(digits_run: tuple[Path, str]) -> tuple[Path, dict]:
     from .test_readme import UserShell, page_commands, read_pages
 
     cwd = digits_run[0].parents[1]
-    command = next(c for c in page_commands(read_pages()) if c.text == README_EXPORT)
+    commands = [c for c in page_commands(read_pages()) if c.text == README_EXPORT]
+    assert commands, f"the README no longer has `{README_EXPORT}`"
+    command = commands[0]
     shell = UserShell(cwd, flowers=cwd / "data" / "flowers")
     shell.run(command)
     SHARED_CONSOLES[command.text] = shell.outputs[command.text]

@@ -1,5 +1,6 @@
 """A Ray Train worker killed mid-run (SIGKILL, as an OOM killer or a lost node would): without
-``--max-failures`` the launcher says what failed and where the intact checkpoints are. With it,
+``--max-failures`` the launcher says what failed and where the intact checkpoints are, and the
+same command again resumes from them. With it,
 Ray restarts the group from the last checkpoint, and a driver killed with its private Ray is
 resumed by running the same command again: tests/test_storage_s3.py runs both in one run whose
 checkpoints are in a bucket (one Ray start fewer than a run of its own here)."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -112,7 +114,7 @@ def _epochs_logged(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_killed_worker_without_retries_is_a_clear_error_and_keeps_checkpoints(
+def test_killed_worker_without_retries_is_a_clear_error_and_the_same_command_resumes(
     digits_dataset: Path, tmp_path: Path
 ) -> None:
     proc, run_dir = _train_and_kill_a_worker(
@@ -127,6 +129,19 @@ def test_killed_worker_without_retries_is_a_clear_error_and_keeps_checkpoints(
     state = load_checkpoint(run_dir)
     assert state["loop"]["epoch"] >= 1 and "model" in state
     assert not list(run_dir.rglob("*.tmp"))
+
+    # The same command again, as the error says: the plan finds the newest whole checkpoint on
+    # this disk and resumes from it; every epoch is trained and logged once across both runs.
+    # (The same on a bucket, after a killed worker and a killed driver: tests/test_storage_s3.py.)
+    kept = checkpoint_epoch(latest_checkpoint_in(run_dir).parent)
+    again = subprocess.run(proc.args, capture_output=True, text=True, timeout=900)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-4000:]
+    assert f"resuming unfinished run {run_dir} at epoch {kept + 1} of 5" in out, out[-3000:]
+    trained = [int(e) for e in re.findall(r"epoch (\d+)/5: train loss", out)]
+    assert trained == list(range(kept + 1, 6)), trained
+    assert _epochs_logged(run_dir) == list(range(5))
+    assert json.loads((run_dir / "report.json").read_text())["epochs_run"] == 5
 
 
 def test_a_checkpoint_cut_short_by_a_kill_is_skipped_for_the_newest_whole_one(

@@ -156,11 +156,12 @@ def test_the_install_names_every_package_and_puts_tuning_under_ours() -> None:
 
     setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = {
-        ".".join(("resnet18_dist", *p.parent.relative_to(PACKAGE).parts))
-        for p in PACKAGE.rglob("__init__.py")
+        ".".join((dotted, *p.parent.relative_to(root).parts))
+        for root, dotted in ((PACKAGE, "resnet18_dist"), (TUNING, "resnet18_dist.tuning"))
+        for p in root.rglob("__init__.py")
         if "__pycache__" not in p.parts
     }
-    assert set(setup["packages"]) == folders | {"resnet18_dist.tuning"}
+    assert set(setup["packages"]) == folders
     assert setup["package-dir"] == {"resnet18_dist.tuning": "tuning"}
     assert not any(p.split(".")[0] != "resnet18_dist" for p in setup["packages"])
 
@@ -202,3 +203,23 @@ def test_tuning_is_ours_installed_or_uploaded_and_never_a_top_level_module(
     )
     assert uploaded.returncode == 0, uploaded.stderr
     assert Path(uploaded.stdout.split()[1]) == upload / "tuning" / "space.py", uploaded.stdout
+
+
+def top_level_tuning_imports(root: Path) -> list[str]:
+    """Imports of tuning/ by its folder name (`import tuning...`, `from tuning... import`): they
+    work in a checkout (launch/ and pytest put its root on sys.path) and fail installed."""
+    found = []
+    for top in ("resnet18_dist", "tuning", "launch", "benchmarks", "tests"):
+        for path in sorted((root / top).rglob("*.py")):
+            for lineno, module in _imports(path):
+                if module.split(".")[0] == "tuning":
+                    found.append(f"{path.relative_to(root).as_posix()}:{lineno} imports {module}")
+    return found
+
+
+def test_nothing_imports_tuning_by_its_folder_name(tmp_path: Path) -> None:
+    assert top_level_tuning_imports(REPO) == []
+    for top in ("resnet18_dist", "tuning", "launch", "benchmarks", "tests"):
+        (tmp_path / top).mkdir()
+    (tmp_path / "launch" / "x.py").write_text("from tuning.space import SweepConfig\n")
+    assert top_level_tuning_imports(tmp_path) == ["launch/x.py:1 imports tuning.space"]

@@ -329,7 +329,8 @@ SHARED: dict[str, str] = {
     "is the one the later commands export and serve, and tests/test_ray_job.py checks its bar",
     README_EXPORT: "the main job's run exported, run once per test session (`digits_export` in "
     "tests/conftest.py): every test of an export (tests/test_export.py, test_serve.py, "
-    "test_export_s3.py) uses it, and the README's predict and serve commands use it here",
+    "test_export_s3.py, test_ray_job.py, test_gpu.py) uses it, and the README's predict and "
+    "serve commands use it here",
 }
 
 # Files the README's commands name as the user's own, made in the working directory first.
@@ -838,6 +839,7 @@ def test_readme_commands_run_as_a_user_runs_them(
     shell = UserShell(cwd, subset_folder(digits_folder, tmp_path / "flowers", per_class=20))
     shell.outputs[MAIN_JOB] = digits_run[1]
     shell.outputs.update(SHARED_CONSOLES)  # the export (digits_export), in this directory
+    assert README_EXPORT in shell.outputs  # run once, never again into the shared directory
     served_int8 = []
 
     def int8_matches_predict(url: str, words: list[str], token: str | None) -> None:

@@ -94,6 +94,17 @@ def test_sweep_config_overrides_and_trial_values() -> None:
 
 
 # ------------------------------------------------------------------------------ real sweeps
+def _sweep_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    """A sweep's options for a run into ``out/name`` (tests/test_multinode.py's Ray-job sweep)."""
+    return [
+        *("--data-dir", str(data), "--batch-size", "32", "--warmup-epochs", "0"),
+        *("--output-dir", str(out), "--name", name, "--quiet"),
+        # The best trial's export measures briefly: its files and checks are what is tested.
+        *("--latency-iters", "2", "--throughput-seconds", "0.1"),
+        *extra,
+    ]
+
+
 def _rows(sweep_dir: Path) -> list[dict[str, str]]:
     with (sweep_dir / "trials.csv").open() as fh:
         return list(csv.DictReader(fh))
@@ -132,7 +143,8 @@ README_SWEEP_OPTIONS = (
     *("--wandb-mode", "offline"),
 )
 README_SWEEP_WHY = (
-    "run by tests/test_sweep.py as written, in a user's working directory, with "
+    "run by tests/test_sweep.py as written (its search and ASHA options overridden by those "
+    "appended), in a user's working directory, with "
     f"`{' '.join(README_SWEEP_OPTIONS)} --publish-best s3://...` appended (two trials of the "
     "default digits, of which ASHA stops the hopeless one; W&B offline; the best trial's export "
     "also published to a bucket on loopback); its console is checked against docs/sweeps.md's "
