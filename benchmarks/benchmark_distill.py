@@ -44,14 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from resnet18_dist.config import (
+        ClusterConfig,
         DataConfig,
         DistillConfig,
+        LoggingConfig,
         ModelConfig,
         OptimConfig,
-        RunConfig,
+        RunDirConfig,
         TrainConfig,
     )
-    from resnet18_dist.engine.reporting import LocalReporter
+    from resnet18_dist.engine.epoch_sink import LocalEpochSink
     from resnet18_dist.engine.runtime import TorchRuntime
     from resnet18_dist.engine.session import run_training
     from resnet18_dist.logs import setup_logging
@@ -72,12 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             model=sections.get("model", ModelConfig()),
             optim=OptimConfig(epochs=epochs, lr=args.lr, patience=0),
             distill=sections.get("distill", DistillConfig()),
-            run=RunConfig(
-                seed=seed, quiet=True, wandb_mode="disabled", cpus_per_worker=threads, name=name
-            ),
+            run=RunDirConfig(seed=seed, name=name),
+            cluster=ClusterConfig(cpus_per_worker=threads),
+            logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
         )
         start = time.perf_counter()
-        report = run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir), run_dir)
+        report = run_training(
+            cfg,
+            TorchRuntime(cfg.device, threads=cfg.cluster.cpus_per_worker),
+            LocalEpochSink(run_dir),
+            run_dir,
+        )
         print(
             f"{name}: test top-1 {report['test_top1']:.4f} in {time.perf_counter() - start:.0f}s",
             flush=True,

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.nn import functional as F
 
-    from resnet18_dist.config import DataConfig, OptimConfig, RunConfig
+    from resnet18_dist.config import DataConfig, DeviceConfig, OptimConfig
     from resnet18_dist.data.digits import dataset_dir
     from resnet18_dist.data.loaders import build_loaders, loader_settings
     from resnet18_dist.data.manifest import Manifest
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     data_cfg = DataConfig(data_dir=str(data_dir), batch_size=args.batch_size, loader_workers=0)
     policy = resolve_policy(data_cfg, manifest)
     spec = ModelSpec(num_classes=manifest.num_classes, stem=resolve_stem("auto", policy.image_size))
-    runtime = TorchRuntime(RunConfig(cpus_per_worker=threads, use_gpu="auto"))
+    runtime = TorchRuntime(DeviceConfig(use_gpu="auto"), threads=threads)
     device = runtime.device
 
     # --- the project's loop: runtime, loader backend, task, scheduler, callbacks

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from resnet18_dist.atomic import atomic_write
+from resnet18_dist.config import TrainConfig, with_split_run_section
 from resnet18_dist.run_files import CONFIG_FILE, METRICS_FILE, REPORT_FILE
 from resnet18_dist.run_location import RunLocation
 
@@ -63,7 +64,13 @@ def load_run(path: str | Path) -> RunRecord:
                 epochs.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise CompareError(f"{loc.join(METRICS_FILE)}:{i}: not JSON ({exc})") from exc
-    config = _flatten(yaml.safe_load(config_text) or {})
+    raw = yaml.safe_load(config_text) or {}
+    config = {}
+    if isinstance(raw, dict) and raw:
+        # An older run's config.yaml: its cluster, device and logging options under `run` line
+        # up under their sections' names, and an option added since reads as its default (what
+        # the run trained with), not as a difference.
+        config = {**_flatten(TrainConfig().to_dict()), **_flatten(with_split_run_section(raw))}
     report = json.loads(report_text) if report_text is not None else None
     return RunRecord(loc.name, loc.path, config, epochs, report)
 
@@ -78,7 +85,14 @@ def runs_in_sweep(directory: str | Path) -> list[Path]:
     return found
 
 
-IGNORED_KEYS = {"run.name", "run.output_dir", "run.quiet", "run.address", "run.log_every"}
+IGNORED_KEYS = {
+    "run.name",
+    "run.output_dir",
+    "logging.quiet",
+    "logging.verbose",
+    "cluster.address",
+    "logging.log_every",
+}
 
 
 def differing_config(runs: list[RunRecord]) -> list[str]:

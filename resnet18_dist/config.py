@@ -1,25 +1,34 @@
-"""The training run's options: validated dataclasses in five sections, YAML round trip.
+"""The training run's options: validated dataclasses in eight sections, YAML round trip.
 
 Every option lives in exactly one section dataclass and carries its help text, choices and
 bounds in its field metadata (see :mod:`resnet18_dist.options`), so ``--help``, the table in
 docs/options.md and validation errors all name the same flag. Nothing here parses ``sys.argv``.
+
+The sections, one concern each: what is trained (``data``, ``model``, ``optim``, ``distill``),
+which run it is (``run``: name, directory, resume, seed), where its workers run (``cluster``),
+on what they compute (``device``) and what it tells (``logging``). ``--recipe`` stays in
+``optim``: a preset of the training recipe, which also sets the data options it cannot do
+without (augmentation, random erasing, batch sizes).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from resnet18_dist.options import ConfigError, Options, check, flag, opt
 
 __all__ = [
+    "ClusterConfig",
     "ConfigError",
     "DataConfig",
+    "DeviceConfig",
     "DistillConfig",
+    "LoggingConfig",
     "ModelConfig",
     "OptimConfig",
-    "RunConfig",
+    "RunDirConfig",
     "TrainConfig",
     "flag",
     "parse_freeze",
@@ -312,7 +321,10 @@ RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what --name may hold (run and sweep
 
 
 @dataclass
-class RunConfig(Options):
+class RunDirConfig(Options):
+    """Which run: its directory (name, where, resume or start afresh, checkpoints kept) and
+    its seed."""
+
     name: str = opt("", "Run name (directory under --output-dir). Default: a timestamp.")
     output_dir: str = opt(
         "runs",
@@ -322,6 +334,44 @@ class RunConfig(Options):
         path=True,
     )
     seed: int = opt(0, "Seed for initialisation, shuffling and augmentation.")
+    resume: str | None = opt(
+        None,
+        "Continue from a checkpoint file, a checkpoint directory or a run directory; alone, "
+        "extend this run (--output-dir/--name) when it has finished, with a larger --epochs. "
+        "An unfinished run of the same name resumes without it.",
+        nargs="?",
+        const=RESUME_THIS_RUN,
+        metavar="PATH",
+        path=(RESUME_THIS_RUN,),
+    )
+    fresh: bool = opt(
+        False,
+        "Start over in a new directory when --output-dir/--name already holds a run (the old "
+        "one is kept, renamed to NAME.prev-TIMESTAMP).",
+    )
+    keep_checkpoints: int = opt(2, "Number of most recent epoch checkpoints to keep.", ge=1)
+
+    def validate(self) -> None:
+        # One path component that means the same on a disk and in an s3:// / gs:// URI: a '#',
+        # '?' or '%' there would start a fragment or query (dropping ?endpoint_override=...) or
+        # be decoded into another prefix.
+        check(
+            not self.name or bool(RUN_NAME.fullmatch(self.name) and self.name not in (".", "..")),
+            "name",
+            f"must be ASCII letters, digits, '.', '_' and '-' only ([A-Za-z0-9._-]), and not '.' "
+            f"or '..' (got {self.name!r})",
+        )
+        check(
+            not (self.fresh and self.resume == RESUME_THIS_RUN),
+            "fresh",
+            "--fresh starts a new run; it cannot be combined with --resume of this run",
+        )
+
+
+@dataclass
+class ClusterConfig(Options):
+    """Where the workers run: how many, how placed, on which Ray cluster, restarted how often."""
+
     num_workers: str = opt(
         "1",
         "Ray Train (DDP) workers: N, or MIN:MAX for an elastic run, which starts once MIN fit, "
@@ -350,58 +400,12 @@ class RunConfig(Options):
         "the machine's cores divided among its local processes.",
         ge=1,
     )
-    use_gpu: str = opt(
-        "auto", "Train on GPUs: on, off, or auto (if the cluster has GPUs).", choices=TRISTATE
-    )
-    amp: str = opt(
-        "auto",
-        "Mixed precision: bf16 autocast, fp16 autocast with a gradient scaler (CUDA only), "
-        "off, or auto: bf16 on GPUs with native bf16, fp16 on older GPUs, off on CPU; under "
-        "`accelerate launch --mixed_precision X`, X.",
-        choices=AMP_MODES,
-    )
-    channels_last: str = opt(
-        "auto", "channels_last memory format: on, off, auto (on for CUDA).", choices=TRISTATE
-    )
-    compile: bool = opt(
-        False,
-        "torch.compile the model's training step (and the teacher's forward when distilling). "
-        "Where compiling fails (no C++ compiler, an unsupported platform) it warns once and "
-        "trains eagerly.",
-    )
-    resume: str | None = opt(
-        None,
-        "Continue from a checkpoint file, a checkpoint directory or a run directory; alone, "
-        "extend this run (--output-dir/--name) when it has finished, with a larger --epochs. "
-        "An unfinished run of the same name resumes without it.",
-        nargs="?",
-        const=RESUME_THIS_RUN,
-        metavar="PATH",
-        path=(RESUME_THIS_RUN,),
-    )
-    fresh: bool = opt(
-        False,
-        "Start over in a new directory when --output-dir/--name already holds a run (the old "
-        "one is kept, renamed to NAME.prev-TIMESTAMP).",
-    )
     max_failures: int = opt(
         0, "Ray Train: restart the worker group this many times on failure (-1 = always).", ge=-1
     )
-    keep_checkpoints: int = opt(2, "Number of most recent epoch checkpoints to keep.", ge=1)
     address: str | None = opt(
         None, "Ray cluster address. Default: RAY_ADDRESS, a running local cluster, or a new one."
     )
-    wandb_mode: str = opt(
-        "auto",
-        "W&B logging: online, offline, disabled, or auto (online if an API key is configured, "
-        "else offline).",
-        choices=WANDB_MODES,
-    )
-    wandb_project: str = opt("resnet18-dist", "W&B project.")
-    wandb_group: str = opt("", "W&B group (runs of one sweep or comparison). Default: none.")
-    log_every: int = opt(10, "Log per-step loss, lr and throughput every N steps.", ge=1)
-    quiet: bool = opt(False, "No progress bars (for logs).")
-    verbose: bool = opt(False, "Show Ray's own INFO lines (reports, checkpoints, workers).")
 
     def worker_range(self) -> tuple[int, int]:
         """(MIN, MAX) workers; MIN == MAX for a fixed-size run."""
@@ -433,20 +437,48 @@ class RunConfig(Options):
 
     def validate(self) -> None:
         self.worker_range()  # raises naming --num-workers
-        # One path component that means the same on a disk and in an s3:// / gs:// URI: a '#',
-        # '?' or '%' there would start a fragment or query (dropping ?endpoint_override=...) or
-        # be decoded into another prefix.
-        check(
-            not self.name or bool(RUN_NAME.fullmatch(self.name) and self.name not in (".", "..")),
-            "name",
-            f"must be ASCII letters, digits, '.', '_' and '-' only ([A-Za-z0-9._-]), and not '.' "
-            f"or '..' (got {self.name!r})",
-        )
-        check(
-            not (self.fresh and self.resume == RESUME_THIS_RUN),
-            "fresh",
-            "--fresh starts a new run; it cannot be combined with --resume of this run",
-        )
+
+
+@dataclass
+class DeviceConfig(Options):
+    """What each worker computes on and how: GPU or CPU, precision, memory format, compiling."""
+
+    use_gpu: str = opt(
+        "auto", "Train on GPUs: on, off, or auto (if the cluster has GPUs).", choices=TRISTATE
+    )
+    amp: str = opt(
+        "auto",
+        "Mixed precision: bf16 autocast, fp16 autocast with a gradient scaler (CUDA only), "
+        "off, or auto: bf16 on GPUs with native bf16, fp16 on older GPUs, off on CPU; under "
+        "`accelerate launch --mixed_precision X`, X.",
+        choices=AMP_MODES,
+    )
+    channels_last: str = opt(
+        "auto", "channels_last memory format: on, off, auto (on for CUDA).", choices=TRISTATE
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile the model's training step (and the teacher's forward when distilling). "
+        "Where compiling fails (no C++ compiler, an unsupported platform) it warns once and "
+        "trains eagerly.",
+    )
+
+
+@dataclass
+class LoggingConfig(Options):
+    """What a run tells: W&B, step logs, progress bars, Ray's own lines."""
+
+    wandb_mode: str = opt(
+        "auto",
+        "W&B logging: online, offline, disabled, or auto (online if an API key is configured, "
+        "else offline).",
+        choices=WANDB_MODES,
+    )
+    wandb_project: str = opt("resnet18-dist", "W&B project.")
+    wandb_group: str = opt("", "W&B group (runs of one sweep or comparison). Default: none.")
+    log_every: int = opt(10, "Log per-step loss, lr and throughput every N steps.", ge=1)
+    quiet: bool = opt(False, "No progress bars (for logs).")
+    verbose: bool = opt(False, "Show Ray's own INFO lines (reports, checkpoints, workers).")
 
 
 @dataclass
@@ -455,9 +487,50 @@ class TrainConfig(Options):
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunDirConfig = field(default_factory=RunDirConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "--config") -> Any:
-        """As Options.from_dict, with ``--recipe``'s presets under the given values."""
-        return super().from_dict(apply_recipe(raw) if isinstance(raw, dict) else raw, where)
+        """As Options.from_dict, with ``--recipe``'s presets under the given values; a file in
+        the older layout (cluster, device and logging options under ``run``) is read too."""
+        if isinstance(raw, dict):
+            raw = apply_recipe(with_split_run_section(raw))
+        return super().from_dict(raw, where)
+
+
+# Until the run section was split by concern, config.yaml, sweep_config.yaml and --config files
+# held these options under `run:`; such files must still be read (a --config file, a sweep
+# continued, a run compared).
+_SPLIT_FROM_RUN = {
+    name: section
+    for section, cls in (
+        ("cluster", ClusterConfig),
+        ("device", DeviceConfig),
+        ("logging", LoggingConfig),
+    )
+    for name in (f.name for f in fields(cls))
+}
+
+
+def with_split_run_section(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with any cluster, device or logging option found under ``run`` moved to its own
+    section (a value given in the new section wins)."""
+    run = raw.get("run")
+    if not isinstance(run, dict) or not any(k in _SPLIT_FROM_RUN for k in run):
+        return raw
+    out = dict(raw)
+    out["run"] = {k: v for k, v in run.items() if k not in _SPLIT_FROM_RUN}
+    for key, value in run.items():
+        section = _SPLIT_FROM_RUN.get(key)
+        if section is None:
+            continue
+        given = out.get(section)
+        if given is not None and not isinstance(given, dict):
+            continue  # not a mapping: from_dict refuses it, naming the section
+        given = dict(given or {})
+        given.setdefault(key, value)
+        out[section] = given
+    return out

@@ -5,7 +5,7 @@ Every command (train, prepare, export, predict, compare, sweep, serve) declares 
 is read into them with :meth:`Options.from_dict`, and ``__post_init__`` validates every field from
 its metadata (choices, bounds, required) before the class's own cross-field ``validate``. An
 ``Options`` whose fields are themselves ``Options`` has sections (``TrainConfig``: data, model,
-optim, distill, run), which are also the sections of its YAML file.
+optim, distill, run, cluster, device, logging), which are also the sections of its YAML file.
 
 Errors are :class:`ConfigError` and name the flag (``--lr: must be > 0 (got -1.0)``).
 """

@@ -141,8 +141,14 @@ def load_launcher(name: str):
 @pytest.fixture(scope="session")
 def small_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-epoch run on the small digits (a real checkpoint for tests that need one)."""
-    from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
-    from resnet18_dist.engine.reporting import LocalReporter
+    from resnet18_dist.config import (
+        DataConfig,
+        LoggingConfig,
+        OptimConfig,
+        RunDirConfig,
+        TrainConfig,
+    )
+    from resnet18_dist.engine.epoch_sink import LocalEpochSink
     from resnet18_dist.engine.runtime import TorchRuntime
     from resnet18_dist.engine.session import run_training
 
@@ -150,9 +156,10 @@ def small_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     cfg = TrainConfig(
         data=DataConfig(data_dir=str(small_digits), batch_size=32),
         optim=OptimConfig(epochs=1, lr=0.05),
-        run=RunConfig(seed=1, quiet=True, wandb_mode="disabled"),
+        run=RunDirConfig(seed=1),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
-    run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir), run_dir)
+    run_training(cfg, TorchRuntime(cfg.device), LocalEpochSink(run_dir), run_dir)
     return run_dir
 
 

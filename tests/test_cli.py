@@ -9,6 +9,7 @@ import yaml
 
 from resnet18_dist.cli import build_parser, parse_options
 from resnet18_dist.config import TrainConfig
+from resnet18_dist.options import ConfigError
 
 from .conftest import launch
 
@@ -64,6 +65,62 @@ def test_yaml_config_with_flag_overrides(tmp_path: Path) -> None:
     assert TrainConfig.load_yaml(tmp_path / "round.yaml") == cfg
 
 
+# A run's config.yaml as older versions wrote it: cluster, device and logging options under `run`.
+OLD_LAYOUT = {
+    "optim": {"lr": 0.05, "epochs": 3},
+    "run": {
+        "name": "old",
+        "seed": 4,
+        "num_workers": "1:2",
+        "placement": "spread",
+        "use_gpu": "off",
+        "amp": "off",
+        "wandb_mode": "disabled",
+        "quiet": True,
+    },
+}
+
+
+def test_a_config_in_the_old_single_run_section_layout_is_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(OLD_LAYOUT))
+    parser = build_parser(TrainConfig, "test")
+    # A flag in the new layout still overrides the file's value under the old `run` section.
+    cfg = parse_options(TrainConfig, parser, ["--config", str(path), "--placement", "pack"])
+    assert (cfg.run.name, cfg.run.seed) == ("old", 4)
+    assert (cfg.cluster.min_workers, cfg.cluster.max_workers) == (1, 2)
+    assert cfg.cluster.placement == "pack"
+    assert (cfg.device.use_gpu, cfg.device.amp) == ("off", "off")
+    assert (cfg.logging.wandb_mode, cfg.logging.quiet) == ("disabled", True)
+    # Written back, it is in the new layout, and reads the same.
+    cfg.dump_yaml(tmp_path / "new.yaml")
+    written = yaml.safe_load((tmp_path / "new.yaml").read_text())
+    assert set(written) == {*TrainConfig.sections()} and "num_workers" not in written["run"]
+    assert TrainConfig.load_yaml(tmp_path / "new.yaml") == cfg
+    # An unknown key under `run` is still an error naming it.
+    bad = {"run": {**OLD_LAYOUT["run"], "num_wokers": 2}}
+    with pytest.raises(ConfigError, match="num_wokers"):
+        TrainConfig.from_dict(bad)
+
+
+def test_compare_lines_up_an_old_layout_run_with_a_new_one(tmp_path: Path) -> None:
+    from resnet18_dist.compare import differing_config, load_run
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        d.mkdir()
+        (d / "metrics.jsonl").write_text('{"epoch": 0, "val_top1": 0.5}\n')
+    # Written by hand, in the old layout and without the options added since: those read as
+    # their defaults, which the old run trained with.
+    (old / "config.yaml").write_text(yaml.safe_dump(OLD_LAYOUT))
+    cfg = TrainConfig.from_dict(OLD_LAYOUT)
+    cfg.cluster.placement = "pack"
+    cfg.dump_yaml(new / "config.yaml")
+    runs = [load_run(old), load_run(new)]
+    # Only the option that differs, under its new section's name.
+    assert differing_config(runs) == ["cluster.placement"]
+
+
 def test_yaml_errors_name_the_section_or_option(tmp_path: Path, capsys) -> None:
     parser = build_parser(TrainConfig, "test")
     bad = tmp_path / "bad.yaml"
@@ -101,7 +158,9 @@ def test_yaml_booleans_are_accepted_for_on_off_options(tmp_path: Path) -> None:
         "run:\n  use_gpu: off\n  channels_last: on\n  amp: off\ndata:\n  verify_shards: no\n"
     )
     cfg = parse_options(TrainConfig, build_parser(TrainConfig, "test"), ["--config", str(path)])
-    assert cfg.run.use_gpu == "off" and cfg.run.channels_last == "on" and cfg.run.amp == "off"
+    assert (
+        cfg.device.use_gpu == "off" and cfg.device.channels_last == "on" and cfg.device.amp == "off"
+    )
     assert cfg.data.verify_shards == "off"
 
 

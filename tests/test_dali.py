@@ -196,8 +196,14 @@ def test_close_releases_the_pipeline(small_digits: Path) -> None:
 def test_resume_with_dali_gives_the_same_weights(small_digits: Path, tmp_path: Path) -> None:
     """Per-(seed, rank, epoch) pipelines: an interrupted and resumed run matches a straight one."""
     from resnet18_dist.checkpoint_file import load_checkpoint
-    from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
-    from resnet18_dist.engine.reporting import LocalReporter
+    from resnet18_dist.config import (
+        DataConfig,
+        LoggingConfig,
+        OptimConfig,
+        RunDirConfig,
+        TrainConfig,
+    )
+    from resnet18_dist.engine.epoch_sink import LocalEpochSink
     from resnet18_dist.engine.runtime import TorchRuntime
     from resnet18_dist.engine.session import run_training
 
@@ -208,11 +214,12 @@ def test_resume_with_dali_gives_the_same_weights(small_digits: Path, tmp_path: P
             data_dir=str(small_digits), batch_size=32, augment="cifar", data_backend="dali"
         ),
         optim=OptimConfig(epochs=2, lr=0.05),
-        run=RunConfig(seed=5, quiet=True, wandb_mode="disabled"),
+        run=RunDirConfig(seed=5),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
 
     def train(run_dir: Path, **kw) -> dict:
-        return run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir), run_dir, **kw)
+        return run_training(cfg, TorchRuntime(cfg.device), LocalEpochSink(run_dir), run_dir, **kw)
 
     report = train(tmp_path / "straight")
     assert report["resolved"]["data_backend"] == "dali"
@@ -257,8 +264,13 @@ def test_two_ray_workers_with_dali_learn_the_digits(tmp_path: Path) -> None:
 
 def _count_hashes_in_two_rank_run(rank: int, world: int, data: str, out: str) -> None:
     import resnet18_dist.data.integrity as integrity
-    from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
-    from resnet18_dist.engine.reporting import LocalReporter
+    from resnet18_dist.config import (
+        DataConfig,
+        LoggingConfig,
+        OptimConfig,
+        TrainConfig,
+    )
+    from resnet18_dist.engine.epoch_sink import LocalEpochSink
     from resnet18_dist.engine.runtime import TorchRuntime
     from resnet18_dist.engine.session import run_training
 
@@ -274,11 +286,11 @@ def _count_hashes_in_two_rank_run(rank: int, world: int, data: str, out: str) ->
     cfg = TrainConfig(
         data=DataConfig(data_dir=data, batch_size=32, data_backend="dali", verify_shards="on"),
         optim=OptimConfig(epochs=1),
-        run=RunConfig(quiet=True, wandb_mode="disabled"),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
-    runtime = TorchRuntime(cfg.run)
+    runtime = TorchRuntime(cfg.device)
     run_dir = Path(out) / "run"
-    run_training(cfg, runtime, LocalReporter(run_dir, is_main=runtime.is_main), run_dir)
+    run_training(cfg, runtime, LocalEpochSink(run_dir, is_main=runtime.is_main), run_dir)
     (Path(out) / f"hashed{rank}.txt").write_text("\n".join(hashed))
 
 

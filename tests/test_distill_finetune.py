@@ -14,13 +14,14 @@ from resnet18_dist.config import (
     ConfigError,
     DataConfig,
     DistillConfig,
+    LoggingConfig,
     ModelConfig,
     OptimConfig,
-    RunConfig,
+    RunDirConfig,
     TrainConfig,
 )
+from resnet18_dist.engine.epoch_sink import LocalEpochSink
 from resnet18_dist.engine.optim import build_optimizer
-from resnet18_dist.engine.reporting import LocalReporter
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.engine.session import run_training
 from resnet18_dist.engine.tasks import DistillationTask, distillation_loss
@@ -86,12 +87,13 @@ def _cfg(data: Path, **sections) -> TrainConfig:
         model=sections.get("model", ModelConfig()),
         optim=sections.get("optim", OptimConfig(epochs=1, lr=0.05)),
         distill=sections.get("distill", DistillConfig()),
-        run=RunConfig(seed=1, quiet=True, wandb_mode="disabled"),
+        run=RunDirConfig(seed=1),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
 
 
 def _train(cfg: TrainConfig, run_dir: Path) -> dict:
-    return run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir), run_dir)
+    return run_training(cfg, TorchRuntime(cfg.device), LocalEpochSink(run_dir), run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from resnet18_dist.config import RunConfig, TrainConfig
+from resnet18_dist.config import ClusterConfig, TrainConfig
 from resnet18_dist.data.torch_loader import EpochPartSampler
 from resnet18_dist.engine.session import worker_batch_size
 from resnet18_dist.options import ConfigError
@@ -16,7 +16,7 @@ from resnet18_dist.options import ConfigError
     ("text", "expected"), [("3", (3, 3)), ("1:4", (1, 4)), ("2:2", (2, 2)), (2, (2, 2))]
 )
 def test_worker_range(text: str | int, expected: tuple[int, int]) -> None:
-    run = RunConfig.from_dict({"num_workers": text})  # YAML gives 2 as an int
+    run = ClusterConfig.from_dict({"num_workers": text})  # YAML gives 2 as an int
     assert run.worker_range() == expected
     assert run.elastic == (expected[0] < expected[1])
 
@@ -24,15 +24,15 @@ def test_worker_range(text: str | int, expected: tuple[int, int]) -> None:
 @pytest.mark.parametrize("text", ["0", "4:2", "0:2", "a:b", "1:2:3", ""])
 def test_impossible_worker_ranges_name_the_option(text: str) -> None:
     with pytest.raises(ConfigError, match="--num-workers"):
-        RunConfig(num_workers=text)
+        ClusterConfig(num_workers=text)
 
 
 def test_an_elastic_run_keeps_its_global_batch_at_every_size() -> None:
-    cfg = TrainConfig.from_dict({"data": {"batch_size": 32}, "run": {"num_workers": "1:4"}})
+    cfg = TrainConfig.from_dict({"data": {"batch_size": 32}, "cluster": {"num_workers": "1:4"}})
     assert [worker_batch_size(cfg, w) for w in (4, 2, 1)] == [32, 64, 128]
     assert [worker_batch_size(cfg, w) * w for w in (4, 2, 1)] == [128, 128, 128]
     assert worker_batch_size(cfg, 3) * 3 == 129  # rounded up to whole samples per worker
-    fixed = TrainConfig.from_dict({"data": {"batch_size": 32}, "run": {"num_workers": "4"}})
+    fixed = TrainConfig.from_dict({"data": {"batch_size": 32}, "cluster": {"num_workers": "4"}})
     assert worker_batch_size(fixed, 2) == 32  # a fixed-size run keeps --batch-size per worker
 
 

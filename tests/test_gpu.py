@@ -44,8 +44,14 @@ def test_dali_mixed_decoder_matches_the_cpu_pipeline(small_digits: Path) -> None
 
 
 def test_bf16_training_on_the_gpu(small_digits: Path, tmp_path: Path) -> None:
-    from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
-    from resnet18_dist.engine.reporting import LocalReporter
+    from resnet18_dist.config import (
+        DataConfig,
+        DeviceConfig,
+        LoggingConfig,
+        OptimConfig,
+        TrainConfig,
+    )
+    from resnet18_dist.engine.epoch_sink import LocalEpochSink
     from resnet18_dist.engine.runtime import TorchRuntime
     from resnet18_dist.engine.session import run_training
 
@@ -54,14 +60,15 @@ def test_bf16_training_on_the_gpu(small_digits: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(
         data=DataConfig(data_dir=str(small_digits), batch_size=32, data_backend="torchvision"),
         optim=OptimConfig(epochs=2, lr=0.05),
-        run=RunConfig(quiet=True, wandb_mode="disabled", amp="auto", use_gpu="auto"),
+        device=DeviceConfig(amp="auto", use_gpu="auto"),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
-    runtime = TorchRuntime(cfg.run)
+    runtime = TorchRuntime(cfg.device)
     assert runtime.device.type == "cuda" and runtime.amp  # auto = bf16 on a capable GPU
     with runtime.autocast():
         probe = torch.nn.Linear(4, 4).cuda()(torch.ones(2, 4, device="cuda"))
     assert probe.dtype == torch.bfloat16
-    report = run_training(cfg, runtime, LocalReporter(tmp_path), tmp_path)
+    report = run_training(cfg, runtime, LocalEpochSink(tmp_path), tmp_path)
     assert report["resolved"]["amp"] == "bf16"
     assert report["test_top1"] > 0.5  # it learned, in bf16, on the GPU
 

@@ -11,11 +11,18 @@ import torch
 
 from resnet18_dist.atomic import WriteError
 from resnet18_dist.checkpoint_file import CheckpointError, load_checkpoint, write_checkpoint
-from resnet18_dist.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from resnet18_dist.config import (
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    RunDirConfig,
+    TrainConfig,
+)
 from resnet18_dist.engine import loop as loop_mod
 from resnet18_dist.engine.callbacks import Callback
 from resnet18_dist.engine.checkpoint import check_compatible
-from resnet18_dist.engine.reporting import LocalReporter
+from resnet18_dist.engine.epoch_sink import LocalEpochSink
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.engine.session import run_training
 from resnet18_dist.models import ModelSpec
@@ -30,12 +37,15 @@ def _cfg(data: Path, **optim) -> TrainConfig:
         data=DataConfig(data_dir=str(data), batch_size=32, augment="cifar"),
         model=ModelConfig(width=WIDTH),
         optim=OptimConfig(**{"epochs": 2, "lr": 0.05, **optim}),
-        run=RunConfig(seed=7, quiet=True, wandb_mode="disabled"),
+        run=RunDirConfig(seed=7),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
 
 
 def _train(cfg: TrainConfig, run_dir: Path, **kw) -> dict:
-    return run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir, keep=5), run_dir, **kw)
+    return run_training(
+        cfg, TorchRuntime(cfg.device), LocalEpochSink(run_dir, keep=5), run_dir, **kw
+    )
 
 
 def _logged_epochs(run_dir: Path) -> list[int]:
@@ -133,6 +143,19 @@ def test_early_stopping_stops_after_patience_epochs(small_digits: Path, tmp_path
     assert report["stopped_early"] is True
     assert report["epochs_run"] == 3 and report["best_epoch"] == 0
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    # Patience that runs out at the last epoch stopped nothing: the run trained all it was asked
+    # (its last metrics line says so too) ...
+    cfg.optim.epochs, cfg.run.name = 3, "full"
+    with _frozen_training():
+        report = _train(cfg, tmp_path / "full")
+    assert report["epochs_run"] == 3 and report["stopped_early"] is False
+    last = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["stopped_early"] is False
+    # ... and extended with more epochs, it gets its whole patience again, as a stopped run does.
+    cfg.optim.epochs = 6
+    with _frozen_training():
+        more = _train(cfg, tmp_path / "more", resume_from=tmp_path / "full")
+    assert more["epochs_run"] == 5 and more["stopped_early"] is True
 
 
 def test_checkpoints_for_another_model_are_rejected(small_digits: Path, tmp_path: Path) -> None:
@@ -219,9 +242,9 @@ def _train_two_ranks_recording_eval_buffers(rank: int, world: int, data: str, ou
 
     session_mod.evaluate = recording_evaluate
     cfg = _cfg(Path(data), epochs=2)
-    runtime = TorchRuntime(cfg.run)
+    runtime = TorchRuntime(cfg.device)
     run_dir = Path(out) / "run"
-    run_training(cfg, runtime, LocalReporter(run_dir, is_main=runtime.is_main), run_dir)
+    run_training(cfg, runtime, LocalEpochSink(run_dir, is_main=runtime.is_main), run_dir)
     torch.save(records, Path(out) / f"buffers{rank}.pt")
 
 

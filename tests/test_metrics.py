@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix, f1_score
 
-from resnet18_dist.config import RunConfig
+from resnet18_dist.config import DeviceConfig
 from resnet18_dist.data.manifest import Manifest
 from resnet18_dist.data.policy import DataPolicy
 from resnet18_dist.data.torch_loader import ShardDataset, TorchvisionLoader, eval_transform
@@ -46,7 +46,7 @@ def test_metrics_match_sklearn_on_fixed_logits() -> None:
 
 
 def _eval(rank: int, world: int, data: str, weights: str, out: str) -> None:
-    runtime = TorchRuntime(RunConfig())
+    runtime = TorchRuntime(DeviceConfig())
     manifest = Manifest.load(data)
     model = build_model(SPEC)
     model.load_state_dict(torch.load(weights, weights_only=True))

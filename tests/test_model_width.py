@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from resnet18_dist.checkpoint_file import CheckpointError, load_checkpoint
-from resnet18_dist.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from resnet18_dist.config import (
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    RunDirConfig,
+    TrainConfig,
+)
 from resnet18_dist.engine.checkpoint import check_compatible
-from resnet18_dist.engine.reporting import LocalReporter
+from resnet18_dist.engine.epoch_sink import LocalEpochSink
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.engine.session import run_training
 from resnet18_dist.export.artifact import model_from_checkpoint
@@ -56,9 +63,10 @@ def test_a_narrow_run_is_rebuilt_at_its_width_from_the_checkpoint_and_model_pt(
         data=DataConfig(data_dir=str(small_digits), batch_size=32),
         model=ModelConfig(width=0.25),
         optim=OptimConfig(epochs=1, lr=0.05),
-        run=RunConfig(seed=1, quiet=True, wandb_mode="disabled"),
+        run=RunDirConfig(seed=1),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
-    run_training(cfg, TorchRuntime(cfg.run), LocalReporter(tmp_path), tmp_path)
+    run_training(cfg, TorchRuntime(cfg.device), LocalEpochSink(tmp_path), tmp_path)
     state = load_checkpoint(tmp_path)
     assert state["model_spec"]["width"] == 0.25
     # The export's model and its metadata, and model.pt, rebuild the narrow network.

@@ -100,7 +100,7 @@ def test_a_cluster_run_asks_ray_train_for_its_placement_size_range_and_retries(
     from resnet18_dist.integrations.ray_train import build_trainer
 
     run = {"num_workers": "1:2", "placement": "spread", "resize_interval_s": 2}
-    cfg = TrainConfig.from_dict({"run": {**run, "cpus_per_worker": 2, "max_failures": 2}})
+    cfg = TrainConfig.from_dict({"cluster": {**run, "cpus_per_worker": 2, "max_failures": 2}})
     trainer = build_trainer(cfg, tmp_path / "run", use_gpu=False, wandb_mode="disabled")
     scaling = trainer.scaling_config
     assert (scaling.min_workers, scaling.max_workers) == (1, 2)
@@ -110,7 +110,7 @@ def test_a_cluster_run_asks_ray_train_for_its_placement_size_range_and_retries(
     assert trainer.run_config.failure_config.max_failures == 2
     assert (trainer.run_config.storage_path, trainer.run_config.name) == (str(tmp_path), "run")
     fixed = build_trainer(
-        TrainConfig.from_dict({"run": {"num_workers": 2}}), tmp_path / "f", False, "disabled"
+        TrainConfig.from_dict({"cluster": {"num_workers": 2}}), tmp_path / "f", False, "disabled"
     )
     assert (
         fixed.scaling_config.num_workers == 2 and fixed.scaling_config.placement_strategy == "PACK"

@@ -175,8 +175,14 @@ def test_relative_data_output_resume_teacher_and_pretrained_reach_ray_workers(
     """A run whose --data-dir, --output-dir, --resume, --teacher and --pretrained are all
     relative, as typed in a working directory: every Ray worker validates them in its own
     directory. (The README's own-data example itself runs in tests/test_readme.py.)"""
-    from resnet18_dist.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-    from resnet18_dist.engine.reporting import LocalReporter
+    from resnet18_dist.config import (
+        DataConfig,
+        LoggingConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+    )
+    from resnet18_dist.engine.epoch_sink import LocalEpochSink
     from resnet18_dist.engine.runtime import TorchRuntime
     from resnet18_dist.engine.session import run_training
     from tests.conftest import subset_folder
@@ -190,9 +196,9 @@ def test_relative_data_output_resume_teacher_and_pretrained_reach_ray_workers(
         data=DataConfig(data_dir=str(tmp_path / "data" / "x"), image_size=8),
         model=ModelConfig(width=0.25),  # paths, not learning: a quarter-width ResNet18
         optim=OptimConfig(epochs=1),
-        run=RunConfig(quiet=True, wandb_mode="disabled"),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
-    run_training(cfg, TorchRuntime(cfg.run), LocalReporter(r1), r1)
+    run_training(cfg, TorchRuntime(cfg.device), LocalEpochSink(r1), r1)
     assert (r1 / "report.json").is_file() and (r1 / "model.pt").is_file()
     common = ["--data-dir", "data/x", "--image-size", "8", "--width", "0.25", "--quiet"]
     r = _cli(

@@ -672,6 +672,8 @@ def shape(line: str) -> str:
     line = re.sub(r"\S*/\S*", "PATH", line)
     line = re.sub(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b", "ID", line)
     line = re.sub(r"host [^,\s]+", "host HOST", line)
+    # Whether patience ran out before the last epoch follows from the numbers, as they vary.
+    line = line.replace(", stopped early", "")
     line = re.sub(r"\d+(,\d{3})*(\.\d+)?(e-?\d+)?", "0", line)  # 11,689,512 as 701,466
     return " ".join(line.split())
 

@@ -12,14 +12,22 @@ import torch
 
 from resnet18_dist.checkpoint_file import best_model_state, load_checkpoint, write_checkpoint
 from resnet18_dist.cli import build_parser, parse_options
-from resnet18_dist.config import RECIPES, DataConfig, OptimConfig, RunConfig, TrainConfig
+from resnet18_dist.config import (
+    RECIPES,
+    DataConfig,
+    DeviceConfig,
+    LoggingConfig,
+    OptimConfig,
+    RunDirConfig,
+    TrainConfig,
+)
 from resnet18_dist.data.manifest import Manifest
 from resnet18_dist.data.policy import DataPolicy, crop_padding, erase_side
 from resnet18_dist.data.prepare import PrepareOptions, prepare_dataset
 from resnet18_dist.engine.checkpoint import TrainState
 from resnet18_dist.engine.ema import ModelEma
+from resnet18_dist.engine.epoch_sink import LocalEpochSink
 from resnet18_dist.engine.loop import evaluate
-from resnet18_dist.engine.reporting import LocalReporter
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.engine.session import run_training
 from resnet18_dist.export.artifact import model_from_checkpoint
@@ -149,7 +157,8 @@ def _ema_cfg(data: Path, epochs: int = 2) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(data_dir=str(data), batch_size=32, augment="trivialaugment"),
         optim=OptimConfig(epochs=epochs, lr=0.05, ema_decay=0.9, patience=0),
-        run=RunConfig(seed=3, quiet=True, wandb_mode="disabled", keep_checkpoints=5),
+        run=RunDirConfig(seed=3, keep_checkpoints=5),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
 
 
@@ -157,7 +166,7 @@ def _ema_cfg(data: Path, epochs: int = 2) -> TrainConfig:
 def ema_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("ema") / "run"
     cfg = _ema_cfg(small_digits)
-    report = run_training(cfg, TorchRuntime(cfg.run), LocalReporter(run_dir, keep=5), run_dir)
+    report = run_training(cfg, TorchRuntime(cfg.device), LocalEpochSink(run_dir, keep=5), run_dir)
     return run_dir, report
 
 
@@ -172,7 +181,7 @@ def test_the_average_is_what_is_validated_tested_and_exported(
 ) -> None:
     run_dir, report = ema_run
     m = Manifest.load(small_digits)
-    runtime = TorchRuntime(RunConfig(cpus_per_worker=2))
+    runtime = TorchRuntime(DeviceConfig(), threads=2)
     from resnet18_dist.data.torch_loader import build_torchvision_loaders
 
     loaders = build_torchvision_loaders(m, DataPolicy(8, "none"), cpu_settings(64))
@@ -223,7 +232,7 @@ def test_a_checkpoint_without_an_average_still_loads_and_resumes(
     cfg = _ema_cfg(small_digits)
     out = tmp_path / "resumed"
     report = run_training(
-        cfg, TorchRuntime(cfg.run), LocalReporter(out, keep=5), out, resume_from=old_dir
+        cfg, TorchRuntime(cfg.device), LocalEpochSink(out, keep=5), out, resume_from=old_dir
     )
     assert report["epochs_run"] == 2
     assert load_checkpoint(out / "checkpoint_epoch0002")["ema"]["updates"] == 8

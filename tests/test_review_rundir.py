@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from resnet18_dist.config import RunConfig, TrainConfig
+from resnet18_dist.config import RunDirConfig, TrainConfig
 from resnet18_dist.engine.rundir import plan_run
 from resnet18_dist.options import ConfigError
 
@@ -40,7 +40,7 @@ def test_fresh_resume_from_the_run_it_moves_aside_resumes_from_the_moved_copy(
     shutil.copytree(small_run, tmp_path / "r1")
     given = tmp_path / "r1" / "checkpoint_epoch0001"
     plan = plan_run(
-        RunConfig(output_dir=str(tmp_path), name="r1", fresh=True, resume=str(given)), epochs=2
+        RunDirConfig(output_dir=str(tmp_path), name="r1", fresh=True, resume=str(given)), epochs=2
     )
     moved = Path(plan.moved_aside)
     assert moved.name.startswith("r1.prev-") and (moved / "report.json").is_file()
@@ -52,7 +52,7 @@ def test_fresh_resume_from_the_run_it_moves_aside_resumes_from_the_moved_copy(
     # The run directory itself as --resume: its newest checkpoint, in the moved copy.
     shutil.copytree(small_run, tmp_path / "r2")
     plan = plan_run(
-        RunConfig(output_dir=str(tmp_path), name="r2", fresh=True, resume=str(tmp_path / "r2")),
+        RunDirConfig(output_dir=str(tmp_path), name="r2", fresh=True, resume=str(tmp_path / "r2")),
         epochs=2,
     )
     moved = Path(plan.moved_aside)
@@ -63,7 +63,7 @@ def test_fresh_resume_from_the_run_it_moves_aside_resumes_from_the_moved_copy(
     shutil.copytree(small_run, tmp_path / "r3")
     given = tmp_path / "r3" / "checkpoint_epoch0001" / "checkpoint.pt"
     dry = plan_run(
-        RunConfig(output_dir=str(tmp_path), name="r3", fresh=True, resume=str(given)),
+        RunDirConfig(output_dir=str(tmp_path), name="r3", fresh=True, resume=str(given)),
         epochs=2,
         dry_run=True,
     )
@@ -116,7 +116,7 @@ def test_a_run_name_outside_the_portable_set_is_refused_naming_the_option(name: 
     """On s3:// a '#', '%20' or '?' in the name changed the prefix or dropped the URI's
     ``?endpoint_override``; a run name is one plain path component everywhere."""
     with pytest.raises(ConfigError) as err:
-        RunConfig(name=name)
+        RunDirConfig(name=name)
     assert err.value.option == "--name" and repr(name) in err.value.message
 
 
@@ -127,8 +127,8 @@ def test_portable_run_names_are_kept_and_the_sweep_checks_its_name_too(
     from resnet18_dist.tuning.space import SweepConfig
 
     for name in ("", "r1", "exp-2.v1_A", "train-20250101-120000-2", "trial-00003", "..a"):
-        assert RunConfig(name=name).name == name
-    # The sweep's directory is its --name, the same RunConfig field.
+        assert RunDirConfig(name=name).name == name
+    # The sweep's directory is its --name, the same RunDirConfig field.
     with pytest.raises(SystemExit) as exit_:
         parse_options(SweepConfig, build_parser(SweepConfig, ""), ["--name", "s#1"])
     assert exit_.value.code == 2 and "error: --name:" in capsys.readouterr().err

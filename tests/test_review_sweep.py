@@ -115,6 +115,17 @@ def test_the_same_options_fresh_and_run_controls_pass_the_check(
     with pytest.raises(ConfigError) as err:
         check_same_sweep(cifar, sweep_dir)
     assert "--recipe" in str(err.value) and "--batch-size" in str(err.value)
+    # A sweep saved in the older layout (cluster, device and logging options under `run`) is
+    # the same sweep when continued with the same options, and another with other ones.
+    saved = yaml.safe_load((sweep_dir / "sweep_config.yaml").read_text())
+    for section in ("cluster", "device", "logging"):
+        saved["run"].update(saved.pop(section))
+    saved["run"]["num_workers"] = "2"
+    (sweep_dir / "sweep_config.yaml").write_text(yaml.safe_dump(saved))
+    two = ["--name", "s1", "--output-dir", "sweeps", "--num-samples", "4", "--num-workers", "2"]
+    check_same_sweep(_sweep_config(two), sweep_dir)
+    with pytest.raises(ConfigError, match="--num-workers was 2, now 1"):
+        check_same_sweep(same, sweep_dir)
     # A saved file that no longer reads is named, not a traceback.
     (sweep_dir / "sweep_config.yaml").write_text("sweep: [unclosed\n")
     with pytest.raises(ConfigError, match="sweep_config.yaml"):

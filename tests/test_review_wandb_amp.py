@@ -70,10 +70,10 @@ def _one_step(runtime) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_cpu_runtime_steps_without_a_scaler() -> None:
-    from resnet18_dist.config import RunConfig
+    from resnet18_dist.config import DeviceConfig
     from resnet18_dist.engine.runtime import TorchRuntime
 
-    runtime = TorchRuntime(RunConfig(use_gpu="off"))
+    runtime = TorchRuntime(DeviceConfig(use_gpu="off"))
     assert runtime.amp_mode == "off" and not runtime.amp
     assert not runtime.scaler.is_enabled()  # fp16 only: nothing to scale on CPU
     before, after = _one_step(runtime)
@@ -84,10 +84,10 @@ def test_cpu_runtime_steps_without_a_scaler() -> None:
 def test_fp16_steps_through_the_gradient_scaler_on_a_gpu() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from resnet18_dist.config import RunConfig
+    from resnet18_dist.config import DeviceConfig
     from resnet18_dist.engine.runtime import TorchRuntime
 
-    runtime = TorchRuntime(RunConfig(use_gpu="on", amp="fp16"))
+    runtime = TorchRuntime(DeviceConfig(use_gpu="on", amp="fp16"))
     assert runtime.amp_mode == "fp16" and runtime.scaler.is_enabled()
     with runtime.autocast():
         assert (torch.ones(2, 2, device="cuda") @ torch.ones(2, 2, device="cuda")).dtype == (
@@ -96,7 +96,7 @@ def test_fp16_steps_through_the_gradient_scaler_on_a_gpu() -> None:
     before, after = _one_step(runtime)
     assert torch.isfinite(after).all() and not torch.equal(before, after)
     assert runtime.scaler.get_scale() == 65536.0  # finite gradients: the scale kept
-    auto = TorchRuntime(RunConfig(use_gpu="on"))
+    auto = TorchRuntime(DeviceConfig(use_gpu="on"))
     native = torch.cuda.is_bf16_supported(including_emulation=False)
     assert auto.amp_mode == ("bf16" if native else "fp16")
 
@@ -116,12 +116,12 @@ def fresh_accelerate_state():
 def test_auto_amp_defers_to_accelerate_launch_mixed_precision(
     amp: str, launched: str, expected: str, monkeypatch: pytest.MonkeyPatch, fresh_accelerate_state
 ) -> None:
-    from resnet18_dist.config import RunConfig
+    from resnet18_dist.config import DeviceConfig
     from resnet18_dist.integrations.accelerate import AcceleratorRuntime, build_accelerator
 
     # what `accelerate launch --mixed_precision bf16` puts in its processes' environment
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
-    run = RunConfig(use_gpu="off", amp=amp)
+    run = DeviceConfig(use_gpu="off", amp=amp)
     accelerator = build_accelerator(run)
     assert accelerator.mixed_precision == expected  # --amp off is explicit: it wins
     runtime = AcceleratorRuntime(run, accelerator)

@@ -72,7 +72,7 @@ def test_an_unlistable_bucket_is_an_output_dir_error_with_or_without_a_name(
     """Review finding: without --name, naming the run listed the bucket outside the conversion
     of storage errors, so it exited 1 instead of 2 naming --output-dir."""
     from resnet18_dist import storage
-    from resnet18_dist.config import RunConfig, TrainConfig
+    from resnet18_dist.config import RunDirConfig, TrainConfig
     from resnet18_dist.launching.preflight import Checked
     from resnet18_dist.options import ConfigError
 
@@ -82,7 +82,7 @@ def test_an_unlistable_bucket_is_an_output_dir_error_with_or_without_a_name(
     monkeypatch.setattr(storage, "list_files", denied)
     monkeypatch.setattr(storage, "require_bucket", lambda uri: None)
     for name in ("", "r1"):
-        cfg = TrainConfig(run=RunConfig(output_dir="s3://bucket/runs", name=name))
+        cfg = TrainConfig(run=RunDirConfig(output_dir="s3://bucket/runs", name=name))
         with pytest.raises(ConfigError) as err:
             Checked(cfg, wandb_mode="disabled").planned(use_gpu=False)
         assert err.value.option == "--output-dir" and "access denied" in str(err.value)

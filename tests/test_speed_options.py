@@ -14,13 +14,22 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from resnet18_dist.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from resnet18_dist.config import (
+    ClusterConfig,
+    DataConfig,
+    DeviceConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    RunDirConfig,
+    TrainConfig,
+)
 from resnet18_dist.engine.callbacks import Callback, CallbackList
 from resnet18_dist.engine.checkpoint import LoopState
 from resnet18_dist.engine.compiling import Compiled
+from resnet18_dist.engine.epoch_sink import LocalEpochSink
 from resnet18_dist.engine.loop import evaluate, train_one_epoch
 from resnet18_dist.engine.optim import build_optimizer
-from resnet18_dist.engine.reporting import LocalReporter
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.engine.session import build_data, build_setup, run_training
 from resnet18_dist.models import ModelSpec, build_model
@@ -29,12 +38,15 @@ from resnet18_dist.seeding import seed_everything
 from .conftest import REPO, launch
 
 
-def _cfg(data: Path, width: float = 1.0, **run: Any) -> TrainConfig:
+def _cfg(data: Path, width: float = 1.0, **device: Any) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(data_dir=str(data), batch_size=32, augment="cifar"),
         model=ModelConfig(width=width),
         optim=OptimConfig(epochs=1, lr=0.05, ema_decay=0.9),
-        run=RunConfig(seed=5, quiet=True, wandb_mode="disabled", cpus_per_worker=2, **run),
+        run=RunDirConfig(seed=5),
+        cluster=ClusterConfig(cpus_per_worker=2),
+        device=DeviceConfig(**device),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
 
 
@@ -73,7 +85,7 @@ class _Steps(Callback):
 
 def _one_epoch(data: Path, log_every: int) -> tuple[dict[str, float], list[float], list[int]]:
     cfg = _cfg(data)
-    runtime = TorchRuntime(cfg.run)
+    runtime = TorchRuntime(cfg.device, threads=cfg.cluster.cpus_per_worker)
     seed_everything(cfg.run.seed)
     run_data = build_data(cfg, runtime)
     run = build_setup(cfg, runtime, run_data, resuming=False)
@@ -138,7 +150,12 @@ def test_compile_without_a_cxx_compiler_warns_once_and_trains_eagerly(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     cfg = _cfg(small_digits, width=0.25, compile=True)  # the fallback, not the network
     with caplog.at_level("WARNING"):
-        report = run_training(cfg, TorchRuntime(cfg.run), LocalReporter(tmp_path), tmp_path)
+        report = run_training(
+            cfg,
+            TorchRuntime(cfg.device, threads=cfg.cluster.cpus_per_worker),
+            LocalEpochSink(tmp_path),
+            tmp_path,
+        )
     torch._dynamo.reset()
     warned = [r for r in caplog.records if "--compile" in r.getMessage()]
     assert len(warned) == 1 and "continuing eagerly" in warned[0].getMessage()
@@ -176,7 +193,14 @@ def test_no_host_synchronisation_inside_training_and_evaluation_steps(small_digi
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     cfg = _cfg(small_digits, use_gpu="on")
-    runtime = TorchRuntime(cfg.run, rank=0, world_size=1, local_rank=0, local_world_size=1)
+    runtime = TorchRuntime(
+        cfg.device,
+        threads=cfg.cluster.cpus_per_worker,
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        local_world_size=1,
+    )
     data = build_data(cfg, runtime)
     run = build_setup(cfg, runtime, data, resuming=False)
     batches = list(data.loaders.train)

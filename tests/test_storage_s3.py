@@ -404,7 +404,7 @@ def test_the_run_rule_on_a_bucket_with_pyarrow_uri_options(
     import boto3
 
     from resnet18_dist.checkpoint_file import fetch_remote_checkpoint
-    from resnet18_dist.config import RunConfig
+    from resnet18_dist.config import RunDirConfig
     from resnet18_dist.engine.rundir import plan_run
 
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
@@ -419,12 +419,12 @@ def test_the_run_rule_on_a_bucket_with_pyarrow_uri_options(
         )
     runs = f"s3://{BUCKET}/uri?endpoint_override={endpoint}&scheme=http"
 
-    plan = plan_run(RunConfig(output_dir=runs, name="q"), epochs=4)
+    plan = plan_run(RunDirConfig(output_dir=runs, name="q"), epochs=4)
     assert plan.action == "resume" and plan.start_epoch == 2
     assert "/uri/q/checkpoint_epoch0002/checkpoint.pt?endpoint_override=" in str(plan.resume_from)
     assert fetch_remote_checkpoint(str(plan.resume_from)).read_bytes() == payload
 
-    fresh = plan_run(RunConfig(output_dir=runs, name="q", fresh=True), epochs=4)
+    fresh = plan_run(RunDirConfig(output_dir=runs, name="q", fresh=True), epochs=4)
     assert fresh.action == "new" and fresh.moved_aside is not None
     keys = _objects(s3, "uri/")
     assert not [k for k in keys if k.startswith("uri/q/")], keys
@@ -444,7 +444,7 @@ def test_the_run_rule_on_a_bucket_with_pyarrow_uri_options(
     for lr in (0.1, 0.2):
         client.put_object(Bucket=BUCKET, Key="uri/r/metrics.jsonl", Body=b'{"epoch": 0}\n')
         client.put_object(Bucket=BUCKET, Key="uri/r/config.yaml", Body=f"optim: {{lr: {lr}}}\n")
-        plan = plan_run(RunConfig(output_dir=runs, name="r", fresh=True), epochs=4)
+        plan = plan_run(RunDirConfig(output_dir=runs, name="r", fresh=True), epochs=4)
         aside.append(str(plan.moved_aside))
     assert [a.split("?")[0].rsplit("/", 1)[1] for a in aside] == [
         "r.prev-20260101-000000",

@@ -15,13 +15,17 @@ from typing import Any
 
 from resnet18_dist.config import (
     SE_REDUCTIONS,
+    ClusterConfig,
     DataConfig,
+    DeviceConfig,
     DistillConfig,
+    LoggingConfig,
     ModelConfig,
     OptimConfig,
-    RunConfig,
+    RunDirConfig,
     TrainConfig,
     apply_recipe,
+    with_split_run_section,
 )
 from resnet18_dist.options import ConfigError, Options, check, flag, opt
 from resnet18_dist.storage import is_remote
@@ -139,15 +143,22 @@ class SweepConfig(Options):
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunDirConfig = field(default_factory=RunDirConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     sweep: SweepOptions = field(default_factory=SweepOptions)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "--config") -> Any:
         """As TrainConfig.from_dict: ``--recipe``'s presets under the given values. Applied here,
         where the given values are still told apart from the defaults: the fixed training config
-        every trial copies has every option set, so a recipe applied later would change nothing."""
-        return super().from_dict(apply_recipe(raw) if isinstance(raw, dict) else raw, where)
+        every trial copies has every option set, so a recipe applied later would change nothing.
+        An older sweep_config.yaml (cluster, device and logging options under ``run``) is read
+        too."""
+        if isinstance(raw, dict):
+            raw = apply_recipe(with_split_run_section(raw))
+        return super().from_dict(raw, where)
 
     def validate(self) -> None:
         s = self.sweep

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet18_dist.cli import absolute_paths
+from resnet18_dist.config import with_split_run_section
 from resnet18_dist.model_meta import REPORT_JSON
 from resnet18_dist.options import ConfigError, coerce, default_of, flag, read_yaml
 from resnet18_dist.run_files import CONFIG_FILE, REPORT_FILE
@@ -64,21 +65,21 @@ def plan_trials(cfg: SweepConfig, use_gpu: bool) -> TrialPlan:
     from resnet18_dist.launching.ray_cluster import cluster_capacity
 
     total, _per_node, gpus = cluster_capacity()
-    cpw = cfg.run.cpus_per_worker or 1
-    need = 1 + cfg.run.max_workers * cpw
-    need_gpus = cfg.run.max_workers if use_gpu else 0
+    cpw = cfg.cluster.cpus_per_worker or 1
+    need = 1 + cfg.cluster.max_workers * cpw
+    need_gpus = cfg.cluster.max_workers if use_gpu else 0
     fits = int(total // need)
     if use_gpu:
         fits = min(fits, int(gpus // need_gpus)) if need_gpus else fits
     if fits < 1:
         raise ConfigError(
             "--num-workers",
-            f"one trial needs {need} CPUs (1 for its Train driver + {cfg.run.max_workers} "
+            f"one trial needs {need} CPUs (1 for its Train driver + {cfg.cluster.max_workers} "
             f"worker(s) x {cpw} CPU), but the cluster has {total:g}; lower --num-workers or "
             "--cpus-per-worker",
         )
     concurrent = min(cfg.sweep.max_concurrent or fits, fits)
-    return TrialPlan(need, need_gpus, cfg.run.max_workers, cpw, fits, concurrent, total, gpus)
+    return TrialPlan(need, need_gpus, cfg.cluster.max_workers, cpw, fits, concurrent, total, gpus)
 
 
 # Options that say how this invocation runs, not what the sweep is: a rerun may change them.
@@ -87,10 +88,10 @@ RUN_CONTROLS = {
     ("run", "output_dir"),  # with --name, where the sweep is: the same directory
     ("run", "resume"),
     ("run", "fresh"),
-    ("run", "quiet"),
-    ("run", "verbose"),
-    ("run", "address"),
-    ("run", "wandb_mode"),
+    ("logging", "quiet"),
+    ("logging", "verbose"),
+    ("cluster", "address"),
+    ("logging", "wandb_mode"),
     ("sweep", "max_int8_drop"),  # the export's gate, applied when the sweep ends
     ("sweep", "latency_iters"),  # the export's measuring, too
     ("sweep", "throughput_seconds"),
@@ -115,8 +116,9 @@ def check_same_sweep(cfg: SweepConfig, sweep_dir: Path) -> None:
         return
     try:
         # Made absolute as the command line's are (a sweep saved before that held them as
-        # typed, relative to where it was started: this directory, when rerun as it was).
-        saved = absolute_paths(SweepConfig, read_yaml(saved_file))
+        # typed, relative to where it was started: this directory, when rerun as it was), and
+        # an older file's cluster, device and logging options moved out of its `run` section.
+        saved = absolute_paths(SweepConfig, with_split_run_section(read_yaml(saved_file)))
     except ConfigError as exc:
         raise ConfigError(
             "--name",
@@ -158,7 +160,7 @@ def check_same_sweep(cfg: SweepConfig, sweep_dir: Path) -> None:
 
 
 def check_search(cfg: SweepConfig) -> None:
-    if cfg.run.elastic:
+    if cfg.cluster.elastic:
         # ASHA compares trials epoch by epoch; a trial that changes size mid-way is not
         # comparable, and Tune reserves each trial's resources up front anyway.
         raise ConfigError(
@@ -216,7 +218,7 @@ def build_tuner(
     from ray import tune
 
     base = cfg.train_config().to_dict()
-    base["run"]["wandb_group"] = cfg.run.wandb_group or sweep_dir.name
+    base["logging"]["wandb_group"] = cfg.logging.wandb_group or sweep_dir.name
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -247,7 +249,7 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=sweep_dir.name,
             storage_path=str(sweep_dir.parent),
-            verbose=0 if cfg.run.quiet else 1,
+            verbose=0 if cfg.logging.quiet else 1,
         ),
     )
     return tuner, False
@@ -435,7 +437,7 @@ def export_best(cfg: SweepConfig, best: TrialRow, sweep_dir: Path, wandb_mode: s
         if (best.run_dir / CONFIG_FILE).is_file():
             atomic_write_text(out / "trial_config.yaml", (best.run_dir / CONFIG_FILE).read_text())
 
-    group = cfg.run.wandb_group or sweep_dir.name
+    group = cfg.logging.wandb_group or sweep_dir.name
     opts = ExportOptions(
         checkpoint=str(best.run_dir),
         out=str(sweep_dir / BEST_DIR),
@@ -443,15 +445,15 @@ def export_best(cfg: SweepConfig, best: TrialRow, sweep_dir: Path, wandb_mode: s
         latency_iters=cfg.sweep.latency_iters,
         throughput_seconds=cfg.sweep.throughput_seconds,
         wandb_mode=wandb_mode,
-        wandb_project=cfg.run.wandb_project,
+        wandb_project=cfg.logging.wandb_project,
         wandb_group=group,
         quiet=True,
     )
     code = export_and_gate(
         opts,
         wandb_name=f"export-{group}",
-        show_report=not cfg.run.quiet,
-        verbose=cfg.run.verbose,
+        show_report=not cfg.logging.quiet,
+        verbose=cfg.logging.verbose,
         beside=trial_files,
     )
     best_dir = sweep_dir / BEST_DIR

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from resnet18_dist.atomic import atomic_write_text
 from resnet18_dist.engine.rundir import REPORT_FILE, finished_epochs, plan_run
 
 # ASHA's time attribute: epochs finished by this trial's run, counted from 1 by our own
@@ -79,7 +80,8 @@ def run_trial(
         # Left by an earlier attempt whose Tune state was never saved: not this trial's run.
         cfg.run.fresh = True
     record.parent.mkdir(exist_ok=True)
-    record.write_text(json.dumps({"trial_id": trial_id, "sampled": sampled}, indent=1))
+    # Atomic: a driver killed mid-write must not leave a record that no later attempt can read.
+    atomic_write_text(record, json.dumps({"trial_id": trial_id, "sampled": sampled}, indent=1))
     if not cfg.run.fresh and finished_epochs(run_dir) is not None:
         # Finished, but the driver was lost before Tune recorded it: report what it wrote.
         report = json.loads((run_dir / REPORT_FILE).read_text())

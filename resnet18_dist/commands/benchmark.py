@@ -118,7 +118,13 @@ def _data_rate(loader: Any, steps: int, sync: Any) -> float:
 def measure_size(opts: BenchmarkOptions, size: int, runtime: Any) -> dict[str, Any]:
     import torch
 
-    from resnet18_dist.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+    from resnet18_dist.config import (
+        DataConfig,
+        DeviceConfig,
+        LoggingConfig,
+        OptimConfig,
+        TrainConfig,
+    )
     from resnet18_dist.engine.callbacks import CallbackList
     from resnet18_dist.engine.checkpoint import LoopState
     from resnet18_dist.engine.compiling import Compiled
@@ -139,7 +145,8 @@ def measure_size(opts: BenchmarkOptions, size: int, runtime: Any) -> dict[str, A
             hw_decoder_load=opts.hw_decoder_load,
         ),
         optim=OptimConfig(epochs=1, warmup_epochs=0, patience=0),
-        run=RunConfig(compile=opts.compile, quiet=True, wandb_mode="disabled"),
+        device=DeviceConfig(compile=opts.compile),
+        logging=LoggingConfig(quiet=True, wandb_mode="disabled"),
     )
     data = build_data(cfg, runtime)
     try:
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist benchmark") -
 
     import torch
 
-    from resnet18_dist.config import RunConfig, TrainConfig
+    from resnet18_dist.config import DeviceConfig, TrainConfig
     from resnet18_dist.engine.runtime import TorchRuntime, available_cpus
     from resnet18_dist.launching.preflight import check_data, check_paths
     from resnet18_dist.logs import setup_logging
@@ -236,12 +243,8 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist benchmark") -
     check_paths(probe)
     check_data(probe, gpu_workers_possible=torch.cuda.is_available(), world_size=1)
     runtime = TorchRuntime(  # refuses an --amp this device cannot do
-        RunConfig(
-            use_gpu=opts.use_gpu,
-            amp=opts.amp,
-            channels_last=opts.channels_last,
-            cpus_per_worker=threads,
-        ),
+        DeviceConfig(use_gpu=opts.use_gpu, amp=opts.amp, channels_last=opts.channels_last),
+        threads=threads,
         rank=0,
         world_size=1,
         local_rank=0,

@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
         from resnet18_dist.export.bucket import check_remote_out
 
         check_remote_out(cfg.sweep.publish_best, option="--publish-best")
-    start_ray(cfg.run.address, cfg.run.verbose)  # with the dashboard: Train V2 needs its API
-    use_gpu = check_resources(cfg.run)
+    start_ray(
+        cfg.cluster.address, cfg.logging.verbose
+    )  # with the dashboard: Train V2 needs its API
+    use_gpu = check_resources(cfg.cluster, cfg.device)
     plan = plan_trials(cfg, use_gpu)
     # Only once the cluster can run it: --fresh moves the old sweep aside.
     if cfg.run.fresh and sweep.exists():

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
     parser = build_parser(TrainConfig, __doc__, prog=prog)
     cfg = parse_options(TrainConfig, parser, argv)
 
-    from resnet18_dist.engine.summary import format_report
+    from resnet18_dist.engine.summary import format_test_report
     from resnet18_dist.integrations.ray_train import build_trainer
     from resnet18_dist.launching.preflight import preflight
     from resnet18_dist.launching.ray_cluster import check_resources, require_train_v2, start_ray
@@ -52,21 +52,22 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
     # cluster, torch is imported first: in a `ray job submit --working-dir` driver, importing
     # torch after (or while) ray.init() connects aborted the process with "Intel oneMKL FATAL
     # ERROR: Cannot load libtorch_cpu.so" (Ray 2.60, torch 2.14.1; tests/test_multinode.py).
-    if cfg.run.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         _import_trainer()
-        start_ray(cfg.run.address, cfg.run.verbose)
+        start_ray(cfg.cluster.address, cfg.logging.verbose)
     else:
         preload = threading.Thread(target=_import_trainer, name="preload", daemon=True)
         preload.start()
-        start_ray(cfg.run.address, cfg.run.verbose)
+        start_ray(cfg.cluster.address, cfg.logging.verbose)
         preload.join()
     # The cluster can run it: now apply the run-name rule.
-    launch = checked.planned(use_gpu=check_resources(cfg.run))
+    launch = checked.planned(use_gpu=check_resources(cfg.cluster, cfg.device))
     plan = launch.plan
+    cluster = cfg.cluster
     print(
-        f"Ray Train: {cfg.run.num_workers} worker(s){' (elastic)' if cfg.run.elastic else ''}, "
+        f"Ray Train: {cluster.num_workers} worker(s){' (elastic)' if cluster.elastic else ''}, "
         f"{'GPU' if launch.use_gpu else 'CPU'}, "
-        f"placement {cfg.run.placement}, run directory {plan.run_dir}",
+        f"placement {cluster.placement}, run directory {plan.run_dir}",
         flush=True,
     )
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
     report = result.return_value
     if report is None:  # the worker's return value did not come back: read what it wrote
         report = json.loads(read_run_file(plan.run_dir, REPORT_FILE))
-    print(format_report(report), flush=True)
+    print(format_test_report(report), flush=True)
     return 0
 
 

@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
 
     from accelerate.utils import broadcast_object_list
 
-    from resnet18_dist.engine.reporting import LocalReporter
+    from resnet18_dist.engine.epoch_sink import LocalEpochSink
     from resnet18_dist.engine.session import run_training
-    from resnet18_dist.engine.summary import format_report
+    from resnet18_dist.engine.summary import format_test_report
     from resnet18_dist.integrations import wandb as wandb_adapter
     from resnet18_dist.integrations.accelerate import AcceleratorRuntime, build_accelerator
     from resnet18_dist.launching.preflight import preflight
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
 
     setup_logging()
     try:  # the same on every rank (an --amp this device cannot do)
-        accelerator = build_accelerator(cfg.run)
-        runtime = AcceleratorRuntime(cfg.run, accelerator)
+        accelerator = build_accelerator(cfg.device)
+        runtime = AcceleratorRuntime(cfg.device, accelerator, threads=cfg.cluster.cpus_per_worker)
     except ConfigError as exc:
         refuse_everywhere(parser, exc)
     # Rank 0 checks the options and applies the run-name rule (it may move a directory aside);
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
         report = run_training(
             launch.config,
             runtime,
-            LocalReporter(run_dir, keep=cfg.run.keep_checkpoints, is_main=runtime.is_main),
+            LocalEpochSink(run_dir, keep=cfg.run.keep_checkpoints, is_main=runtime.is_main),
             run_dir,
             resume_from=launch.plan.resume_from,
             extra_callbacks=wandb_adapter.wandb_callbacks(
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/train_accelerate.py"
     finally:  # a DatasetError or CheckpointError: one line and exit code 1 (commands.run)
         runtime.shutdown()
     if runtime.is_main:
-        print(format_report(report), flush=True)
+        print(format_test_report(report), flush=True)
     return 0
 
 

@@ -49,6 +49,12 @@ class LoopState:
     # The metrics of the epoch a resume starts after, from its checkpoint (not saved again).
     resumed_metrics: dict[str, Any] | None = field(default=None, repr=False)
 
+    def ended_early(self, epochs: int) -> bool:
+        """What the report calls "stopped early": patience ran out before the last of
+        ``epochs``. Patience that runs out at the last epoch stopped nothing; ``stopped_early``
+        itself still says it ran out, so that a run extended with more epochs restarts it."""
+        return self.stopped_early and self.epoch < epochs
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,

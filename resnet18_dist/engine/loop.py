@@ -1,5 +1,5 @@
 """The training loop: ``train_one_epoch``, ``evaluate`` and ``fit``. It knows nothing of Ray,
-accelerate or W&B; it sees a runtime, a reporter, loaders and a task.
+accelerate or W&B; it sees a runtime, a sink, loaders and a task.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from resnet18_dist.data.loaders import Loader, Loaders
 from resnet18_dist.engine.callbacks import Callback, CallbackList
 from resnet18_dist.engine.checkpoint import LoopState, RunMeta, TrainState, cpu_copy
 from resnet18_dist.engine.ema import ModelEma
-from resnet18_dist.engine.reporting import Reporter
+from resnet18_dist.engine.epoch_sink import EpochSink
 from resnet18_dist.engine.runtime import TorchRuntime
 from resnet18_dist.engine.tasks import Task
 from resnet18_dist.metrics import ClassificationMetrics, scalars
@@ -182,7 +182,7 @@ def fit(
     setup: TrainingSetup,
     loaders: Loaders,
     runtime: TorchRuntime,
-    reporter: Reporter,
+    sink: EpochSink,
     opts: FitOptions,
     meta: RunMeta,
     state: LoopState | None = None,
@@ -242,7 +242,7 @@ def fit(
             "peak_memory_mb": float(peak[0]) / 2**20,
             "best_val_top1": state.best_top1,
             "best_epoch": state.best_epoch,
-            "stopped_early": state.stopped_early,
+            "stopped_early": state.ended_early(opts.epochs),
         }
         checkpoint = None
         if runtime.is_main:
@@ -257,7 +257,7 @@ def fit(
                 ema=setup.ema,
             )
         handover = time.perf_counter()
-        saved = reporter.report(dict(metrics), checkpoint)
+        saved = sink.report(dict(metrics), checkpoint)
         metrics["checkpoint_time_s"] = time.perf_counter() - handover
         metrics["epoch_time_s"] = time.perf_counter() - epoch_start
         if runtime.is_main:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from resnet18_dist import storage
 from resnet18_dist.checkpoint_file import checkpoint_epoch
-from resnet18_dist.config import RESUME_THIS_RUN, RunConfig
+from resnet18_dist.config import RESUME_THIS_RUN, RunDirConfig
 from resnet18_dist.options import ConfigError
 from resnet18_dist.run_files import (  # noqa: F401  (the run files' names, also read from here)
     BEST_MODEL_FILE,
@@ -75,7 +75,7 @@ def finished_epochs(run_dir: Path | str) -> int | None:
     return RunLocation.at(run_dir).finished_epochs()
 
 
-def plan_run(run: RunConfig, epochs: int, dry_run: bool = False) -> RunPlan:
+def plan_run(run: RunDirConfig, epochs: int, dry_run: bool = False) -> RunPlan:
     """Apply the rule to ``run.output_dir/run.name`` (the name must be set), local or on a
     bucket alike. Moves the old directory aside for ``--fresh`` (unless ``dry_run``: a launcher
     checks the rule before Ray starts and applies it once the cluster has accepted the run);

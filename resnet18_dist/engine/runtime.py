@@ -1,9 +1,9 @@
 """The runtime: what the training loop knows about processes, devices and collectives.
 
-``TorchRuntime`` is constructed with its rank, world size and device; ``TorchRuntime(run)``
-alone reads them from the environment (a plain process, or torchrun's variables). The Ray Train
-and accelerate adapters pass what their frameworks decided and change only how the model is
-wrapped and the backward run.
+``TorchRuntime`` is constructed with its rank, world size and device; ``TorchRuntime(opts)``
+(the run's device options) alone reads them from the environment (a plain process, or
+torchrun's variables). The Ray Train and accelerate adapters pass what their frameworks decided
+and change only how the model is wrapped and the backward run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from resnet18_dist.config import RunConfig
+from resnet18_dist.config import DeviceConfig
 from resnet18_dist.options import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def pick_device(run: RunConfig, local_rank: int) -> torch.device:
-    want_gpu = run.use_gpu == "on" or (run.use_gpu == "auto" and torch.cuda.is_available())
+def pick_device(opts: DeviceConfig, local_rank: int) -> torch.device:
+    want_gpu = opts.use_gpu == "on" or (opts.use_gpu == "auto" and torch.cuda.is_available())
     if want_gpu:
         if not torch.cuda.is_available():
             raise RuntimeError("--use-gpu on, but CUDA is not available in this process")
@@ -80,7 +80,7 @@ class TorchRuntime:
 
     def __init__(
         self,
-        run: RunConfig,
+        opts: DeviceConfig,
         *,
         rank: int | None = None,
         world_size: int | None = None,
@@ -98,16 +98,16 @@ class TorchRuntime:
             if local_world_size is None
             else local_world_size
         )
-        self.device = device if device is not None else pick_device(run, self.local_rank)
+        self.device = device if device is not None else pick_device(opts, self.local_rank)
         if self.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        self.set_amp(resolve_amp(run.amp, self.device))
-        self.channels_last = resolve_channels_last(run.channels_last, self.device)
-        # CPUs this rank may use: those reserved for it where a scheduler reserves them (Ray
-        # passes `threads`), else this machine's cores shared among its local ranks.
+        self.set_amp(resolve_amp(opts.amp, self.device))
+        self.channels_last = resolve_channels_last(opts.channels_last, self.device)
+        # CPUs this rank may use: those reserved for it (Ray's, or --cpus-per-worker, passed as
+        # `threads`), else this machine's cores shared among its local ranks.
         if threads is None:
-            threads = run.cpus_per_worker or max(1, available_cpus() // self.local_world_size)
+            threads = max(1, available_cpus() // self.local_world_size)
         self.cpus = threads
         if self.device.type == "cpu":
             torch.set_num_threads(threads)  # more only oversubscribes co-located ranks

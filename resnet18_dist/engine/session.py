@@ -5,7 +5,7 @@ The phases, in order: ``build_data`` (manifest, policy, loaders; shards verified
 -> ``describe_run`` (what "auto" resolved to) -> ``open_run`` (the run directory's header files
 and the rank-0 callbacks) -> ``fit`` -> ``evaluate_best`` (the test split with the
 best-validation weights) -> ``publish`` (``model.pt``, ``report.json``). The launcher supplies
-the runtime (process / Ray Train / accelerate), the reporter (run directory / Ray Train) and any
+the runtime (process / Ray Train / accelerate), the sink (run directory / Ray Train) and any
 extra rank-0 callbacks (W&B).
 """
 
@@ -41,6 +41,7 @@ from resnet18_dist.engine.callbacks import (
 from resnet18_dist.engine.checkpoint import LoopState, RunMeta, TrainState, check_compatible
 from resnet18_dist.engine.compiling import Compiled, maybe_compile
 from resnet18_dist.engine.ema import ModelEma
+from resnet18_dist.engine.epoch_sink import EpochSink
 from resnet18_dist.engine.loop import (
     FitOptions,
     TrainingSetup,
@@ -49,7 +50,6 @@ from resnet18_dist.engine.loop import (
     load_best_weights,
 )
 from resnet18_dist.engine.optim import build_optimizer, build_scheduler, impl_name
-from resnet18_dist.engine.reporting import Reporter
 from resnet18_dist.engine.rundir import (
     BEST_MODEL_FILE,
     CONFIG_FILE,
@@ -81,9 +81,9 @@ def worker_batch_size(cfg: TrainConfig, world_size: int) -> int:
     """--batch-size per worker; an elastic run keeps its global batch at --batch-size x MAX
     whatever its current size (rounded up to whole samples per worker), so the lr and the
     schedule (whose position is kept in epochs) stay right across a resize."""
-    if not cfg.run.elastic:
+    if not cfg.cluster.elastic:
         return cfg.data.batch_size
-    return math.ceil(cfg.data.batch_size * cfg.run.max_workers / world_size)
+    return math.ceil(cfg.data.batch_size * cfg.cluster.max_workers / world_size)
 
 
 def build_data(cfg: TrainConfig, runtime: TorchRuntime) -> RunData:
@@ -160,7 +160,7 @@ def build_setup(cfg: TrainConfig, runtime: TorchRuntime, data: RunData, resuming
         teacher, teacher_info = load_teacher(cfg.distill, data.manifest.classes)
         task = DistillationTask(
             # same device and memory format; never DDP
-            maybe_compile(runtime.prepare_module(teacher), cfg.run.compile, "the teacher"),
+            maybe_compile(runtime.prepare_module(teacher), cfg.device.compile, "the teacher"),
             cfg.distill.temperature,
             cfg.distill.alpha,
             cfg.optim.label_smoothing,
@@ -169,7 +169,7 @@ def build_setup(cfg: TrainConfig, runtime: TorchRuntime, data: RunData, resuming
         task = ClassificationTask(cfg.optim.label_smoothing)
     # Only the training forward (and its backward) is compiled; evaluation, checkpoints and
     # exports use the module itself.
-    trained = maybe_compile(wrapped, cfg.run.compile, "the model")
+    trained = maybe_compile(wrapped, cfg.device.compile, "the model")
     setup = TrainingSetup(trained, unwrapped, task, optimizer, scheduler, set_train_mode, ema)
     return RunModel(spec, setup, teacher_info)
 
@@ -225,7 +225,7 @@ def describe_run(
         "teacher": run.teacher_info,
         "pretrained": cfg.model.pretrained,
         "freeze": cfg.model.freeze,
-        "compile": cfg.run.compile,
+        "compile": cfg.device.compile,
         "ema_decay": cfg.optim.ema_decay,
         "random_erasing": data.policy.random_erasing,
         "optimizer_impl": impl_name(run.setup.optimizer),
@@ -265,7 +265,7 @@ def open_run(
     callbacks = CallbackList(
         [
             JsonlLogger(run_dir / METRICS_FILE, state.epoch, state.resumed_metrics),
-            ProgressBar(cfg.optim.epochs, enabled=progress_wanted(cfg.run.quiet)),
+            ProgressBar(cfg.optim.epochs, enabled=progress_wanted(cfg.logging.quiet)),
             ConsoleSummary(cfg.optim.epochs),
             *(extra_callbacks or []),
         ]
@@ -303,7 +303,7 @@ def evaluate_best(
         data.loaders.test,
         runtime,
         data.manifest.num_classes,
-        progress=runtime.is_main and progress_wanted(cfg.run.quiet),
+        progress=runtime.is_main and progress_wanted(cfg.logging.quiet),
         desc="test",
     )
 
@@ -339,7 +339,7 @@ def publish(
 def run_training(
     cfg: TrainConfig,
     runtime: TorchRuntime,
-    reporter: Reporter,
+    sink: EpochSink,
     run_dir: Path,
     *,
     resume_from: str | Path | None = None,
@@ -378,14 +378,14 @@ def run_training(
                 run.setup,
                 data.loaders,
                 runtime,
-                reporter,
+                sink,
                 FitOptions(
                     epochs=cfg.optim.epochs,
                     patience=cfg.optim.patience,
                     seed=cfg.run.seed,
                     num_classes=data.manifest.num_classes,
-                    log_every=cfg.run.log_every,
-                    show_progress=runtime.is_main and progress_wanted(cfg.run.quiet),
+                    log_every=cfg.logging.log_every,
+                    show_progress=runtime.is_main and progress_wanted(cfg.logging.quiet),
                 ),
                 RunMeta(
                     model_spec=run.spec.to_dict(),
@@ -416,7 +416,7 @@ def run_training(
         "best_val_top1": state.best_top1,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
-        "stopped_early": state.stopped_early,
+        "stopped_early": state.ended_early(cfg.optim.epochs),
         "wall_time_s": time.time() - started,
         # Wall-clock bounds of this function, for launcher benchmarks that split a process's
         # time into start-up, training and teardown (benchmarks/benchmark_launchers.py).

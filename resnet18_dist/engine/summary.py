@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_test_report(report: dict[str, Any]) -> str:
     """The test-split report as printed at the end of a run."""
     lines = [
         f"test report ({report['test_samples']} images, best epoch {report['best_epoch'] + 1} "

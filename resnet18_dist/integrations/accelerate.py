@@ -13,47 +13,48 @@ import os
 import torch
 from torch import nn
 
-from resnet18_dist.config import RunConfig
+from resnet18_dist.config import DeviceConfig
 from resnet18_dist.engine.runtime import TorchRuntime, resolve_amp
 
 # Set by `accelerate launch --mixed_precision X` (or its config file) in every process it starts.
 LAUNCH_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
 
 
-def mixed_precision(run: RunConfig, device: torch.device) -> str | None:
+def mixed_precision(opts: DeviceConfig, device: torch.device) -> str | None:
     """What the Accelerator is given: our --amp, except that --amp auto leaves the choice to
     `accelerate launch --mixed_precision` when that chose one (None: the Accelerator reads
     it from the environment)."""
-    if run.amp == "auto" and os.environ.get(LAUNCH_MIXED_PRECISION, "no") != "no":
+    if opts.amp == "auto" and os.environ.get(LAUNCH_MIXED_PRECISION, "no") != "no":
         return None
-    mode = resolve_amp(run.amp, device)
+    mode = resolve_amp(opts.amp, device)
     return "no" if mode == "off" else mode
 
 
-def build_accelerator(run: RunConfig):
+def build_accelerator(opts: DeviceConfig):
     from accelerate import Accelerator
 
-    cpu = run.use_gpu == "off" or not torch.cuda.is_available()
-    if run.use_gpu == "on" and not torch.cuda.is_available():
+    cpu = opts.use_gpu == "off" or not torch.cuda.is_available()
+    if opts.use_gpu == "on" and not torch.cuda.is_available():
         raise RuntimeError("--use-gpu on, but CUDA is not available in this process")
     device = torch.device("cpu") if cpu else torch.device("cuda")
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision(run, device))
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision(opts, device))
 
 
 class AcceleratorRuntime(TorchRuntime):
     name = "accelerate"
 
-    def __init__(self, run: RunConfig, accelerator) -> None:
+    def __init__(self, opts: DeviceConfig, accelerator, *, threads: int | None = None) -> None:
         import os
 
         self.accelerator = accelerator
         super().__init__(
-            run,
+            opts,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
             local_rank=accelerator.local_process_index,
             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
             device=accelerator.device,
+            threads=threads,
         )
         # The Accelerator decides mixed precision (and owns fp16's gradient scaler): report
         # what it does.

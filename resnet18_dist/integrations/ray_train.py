@@ -34,7 +34,7 @@ def build_trainer(
     from resnet18_dist.run_location import RunLocation
 
     storage_path, name = RunLocation.at(run_dir).parent_and_name()
-    resources: dict[str, float] = {"CPU": cfg.run.cpus_per_worker or 1}
+    resources: dict[str, float] = {"CPU": cfg.cluster.cpus_per_worker or 1}
     if use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
@@ -48,16 +48,16 @@ def build_trainer(
         },
         scaling_config=ScalingConfig(
             num_workers=(
-                (cfg.run.min_workers, cfg.run.max_workers)
-                if cfg.run.elastic
-                else cfg.run.max_workers
+                (cfg.cluster.min_workers, cfg.cluster.max_workers)
+                if cfg.cluster.elastic
+                else cfg.cluster.max_workers
             ),
-            elastic_resize_monitor_interval_s=cfg.run.resize_interval_s,
+            elastic_resize_monitor_interval_s=cfg.cluster.resize_interval_s,
             use_gpu=use_gpu,
             resources_per_worker=resources,
             # Ray's placement-group strategies; SPREAD is best effort (a one-node cluster
             # still runs), as STRICT_SPREAD would wait forever for nodes that never come.
-            placement_strategy=cfg.run.placement.upper(),
+            placement_strategy=cfg.cluster.placement.upper(),
         ),
         run_config=RunConfig(
             name=name,
@@ -65,9 +65,9 @@ def build_trainer(
             # through pyarrow (credentials and AWS_ENDPOINT_URL from the environment).
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             # Ray Train's own INFO lines (checkpoints registered, worker groups) for --verbose.
-            logging_config=LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
+            logging_config=LoggingConfig(log_level="INFO" if cfg.logging.verbose else "WARNING"),
             callbacks=callbacks,
         ),
     )

@@ -1,7 +1,7 @@
 """Ray Train, worker side: what runs inside each TorchTrainer worker.
 
 ``train_worker`` runs the shared training session with ``RayTrainRuntime`` (ranks and device
-from Ray Train, DDP via ``ray.train.torch.prepare_model``) and ``RayTrainReporter``
+from Ray Train, DDP via ``ray.train.torch.prepare_model``) and ``RayTrainEpochSink``
 (checkpoints through ``ray.train.report``, so Ray keeps, restores and fails over with them).
 The driver side is ``ray_train.py``.
 """
@@ -20,7 +20,7 @@ from torch import nn
 from resnet18_dist import storage
 from resnet18_dist.cache import cache_root
 from resnet18_dist.checkpoint_file import CHECKPOINT_FILE, checkpoint_dir_name, checkpoint_epoch
-from resnet18_dist.config import RunConfig, TrainConfig
+from resnet18_dist.config import TrainConfig
 from resnet18_dist.engine.callbacks import Callback
 from resnet18_dist.engine.rundir import (
     BEST_MODEL_FILE,
@@ -43,7 +43,7 @@ class RayTrainRuntime(TorchRuntime):
 
     name = "ray_train"
 
-    def __init__(self, run: RunConfig) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         import ray.train
         import ray.train.torch
 
@@ -55,13 +55,13 @@ class RayTrainRuntime(TorchRuntime):
             # could not map them back.
             device = torch.device("cpu")
         super().__init__(
-            run,
+            cfg.device,
             rank=ctx.get_world_rank(),
             world_size=ctx.get_world_size(),
             local_rank=ctx.get_local_rank(),
             local_world_size=ctx.get_local_world_size(),
             device=device,
-            threads=run.cpus_per_worker or 1,  # what Ray reserved for this worker
+            threads=cfg.cluster.cpus_per_worker or 1,  # what Ray reserved for this worker
         )
 
     def describe(self) -> str:
@@ -79,7 +79,7 @@ class RayTrainRuntime(TorchRuntime):
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
 
-class RayTrainReporter:
+class RayTrainEpochSink:
     """Every rank calls ``ray.train.report`` (Ray requires it of all workers); rank 0 brings
     the checkpoint.
 
@@ -186,9 +186,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     setup_logging()
     cfg = TrainConfig.from_dict(loop_config["config"])
-    quiet_ray_train_logs(cfg.run.verbose)
+    quiet_ray_train_logs(cfg.logging.verbose)
     location = loop_config["run_dir"]
-    runtime = RayTrainRuntime(cfg.run)
+    runtime = RayTrainRuntime(cfg)
     mirror = None
     if storage.is_remote(location):
         # Rank 0 writes the run's files locally, named as the run (W&B takes its name from it),
@@ -213,7 +213,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     ) + ([mirror] if mirror else [])
     resume_from = loop_config.get("resume_from")
     restored = ray.train.get_checkpoint()  # set when Ray restores the run or restarts a group
-    reporter = RayTrainReporter(run_dir, location)
+    sink = RayTrainEpochSink(run_dir, location)
     if (
         restored is not None
         and resume_from is not None
@@ -229,7 +229,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             report = run_training(
                 cfg,
                 runtime,
-                reporter,
+                sink,
                 run_dir,
                 resume_from=Path(d) / CHECKPOINT_FILE,
                 extra_callbacks=callbacks,
@@ -239,7 +239,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         report = run_training(
             cfg,
             runtime,
-            reporter,
+            sink,
             run_dir,
             resume_from=resume_from,
             extra_callbacks=callbacks,

@@ -98,13 +98,13 @@ def wandb_callbacks(
     return [
         WandbCallback(
             mode=mode,
-            project=cfg.run.wandb_project,
+            project=cfg.logging.wandb_project,
             run_dir=run_dir,
             name=run_dir.name,
-            group=cfg.run.wandb_group or None,
+            group=cfg.logging.wandb_group or None,
             job_type=job_type,
             tags=run_tags(cfg, runtime.name, runtime.world_size),
-            verbose=cfg.run.verbose,
+            verbose=cfg.logging.verbose,
             location=location,
         )
     ]

@@ -89,12 +89,12 @@ def preflight(
     run, the run-name rule too, without moving anything (``Checked.planned(dry_run=True)``)."""
     from resnet18_dist.integrations import wandb as wandb_adapter
 
-    wandb_mode = wandb_adapter.launcher_mode(cfg.run.wandb_mode)
+    wandb_mode = wandb_adapter.launcher_mode(cfg.logging.wandb_mode)
     if launcher != "ray":
         # Object storage is written through Ray Train's storage layer (a sweep's trials write
         # their run directories through the local file layout).
         refuse_remote_output(cfg.run.output_dir, LAUNCHER_NAMES[launcher])
-    if launcher == "accelerate" and cfg.run.elastic:
+    if launcher == "accelerate" and cfg.cluster.elastic:
         # accelerate's process count is fixed by `accelerate launch`
         raise ConfigError("--num-workers", "MIN:MAX is for the Ray launcher")
     check_paths(cfg)
@@ -201,7 +201,7 @@ def check_data(
         raise ConfigError("--data-dir", str(exc)) from exc
     # The workers would find this too, but only after Ray and torch have started, as a
     # traceback per worker. An elastic run's global batch is --batch-size x MAX at any size.
-    world = world_size or cfg.run.max_workers
+    world = world_size or cfg.cluster.max_workers
     train = manifest.counts.get("train", 0)
     if train // world < cfg.data.batch_size:
         raise ConfigError(

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from resnet18_dist.checkout import pythonpath_with_checkout
-from resnet18_dist.config import RunConfig
+from resnet18_dist.config import ClusterConfig, DeviceConfig
 from resnet18_dist.options import ConfigError
 
 
@@ -136,29 +136,29 @@ def cluster_capacity() -> tuple[float, float, float]:
     return sum(cpus), max(cpus, default=0.0), gpus
 
 
-def resolve_use_gpu(run: RunConfig, gpus: float) -> bool:
-    if run.use_gpu == "on":
+def resolve_use_gpu(device: DeviceConfig, gpus: float) -> bool:
+    if device.use_gpu == "on":
         return True
-    if run.use_gpu == "off":
+    if device.use_gpu == "off":
         return False
     return gpus > 0
 
 
-def check_resources(run: RunConfig) -> bool:
+def check_resources(cluster: ClusterConfig, device: DeviceConfig) -> bool:
     """Refuse, naming the option, a request the cluster cannot place; returns use_gpu.
 
     A Ray autoscaler could add nodes, but the live nodes are what is checked here.
     """
     total, per_node, gpus = cluster_capacity()
-    use_gpu = resolve_use_gpu(run, gpus)
-    cpus = run.cpus_per_worker or 1
+    use_gpu = resolve_use_gpu(device, gpus)
+    cpus = cluster.cpus_per_worker or 1
     if cpus > per_node:
         raise ConfigError(
             "--cpus-per-worker",
             f"{cpus} CPUs per worker, but no node of the cluster has more than {per_node:g}",
         )
     # An elastic run starts once its MIN workers fit; Ray Train grows it later.
-    workers = run.min_workers
+    workers = cluster.min_workers
     need = workers * cpus
     if need > total:
         raise ConfigError(
@@ -170,8 +170,8 @@ def check_resources(run: RunConfig) -> bool:
         raise ConfigError(
             "--num-workers",
             f"{workers} GPU workers, but the cluster has {gpus:g} GPU(s)"
-            + ("" if run.use_gpu == "on" else "; pass --use-gpu off to train on CPUs"),
+            + ("" if device.use_gpu == "on" else "; pass --use-gpu off to train on CPUs"),
         )
-    if run.amp == "fp16" and not use_gpu:  # else each worker refuses it after Ray starts
+    if device.amp == "fp16" and not use_gpu:  # else each worker refuses it after Ray starts
         raise ConfigError("--amp", "fp16 is for CUDA GPUs; these workers train on CPUs")
     return use_gpu

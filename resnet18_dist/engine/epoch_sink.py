@@ -1,8 +1,8 @@
-"""Reporters: where the loop hands each epoch's metrics and checkpoint.
+"""Epoch sinks: where the loop hands each epoch's metrics and checkpoint.
 
 Every rank calls ``report`` once per epoch (Ray Train requires it of all workers); only the
-main rank passes a checkpoint. ``LocalReporter`` keeps checkpoints in the run directory; the Ray
-Train reporter (``integrations/ray_worker.py``) hands them to ``ray.train.report``.
+main rank passes a checkpoint. ``LocalEpochSink`` keeps checkpoints in the run directory; the Ray
+Train sink (``integrations/ray_worker.py``) hands them to ``ray.train.report``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ if TYPE_CHECKING:  # only a type here; importing it would pull in the models
     from resnet18_dist.engine.checkpoint import TrainState
 
 
-class Reporter(Protocol):
+class EpochSink(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint: TrainState | None) -> str | None:
         """Persist metrics (and the checkpoint, if given); return where it was saved."""
         ...
 
 
-class LocalReporter:
+class LocalEpochSink:
     """Checkpoints as ``run_dir/checkpoint_epochNNNN/checkpoint.pt``; the newest ``keep`` stay."""
 
     def __init__(self, run_dir: Path, keep: int = 2, is_main: bool = True) -> None:
