@@ -108,6 +108,12 @@ class DataConfig(Options):
         ge=0,
         le=1,
     )
+    fetch_threads: int = opt(
+        8,
+        "A dataset on object storage: shards downloaded at once when a node copies it into its "
+        "cache (each still checked against the manifest's sha256).",
+        ge=1,
+    )
     verify_shards: str = opt(
         "auto",
         "Check shard sha256 against the manifest before DALI reads them (DALI's decoder can "

@@ -104,6 +104,7 @@ def test_the_same_options_fresh_and_run_controls_pass_the_check(
             *("--name", "s1", "--output-dir", "sweeps", "--num-samples", "4", "--quiet"),
             *("--wandb-mode", "disabled", "--resume", "--max-int8-drop", "3", "--verbose"),
             *("--latency-iters", "3", "--throughput-seconds", "0.2"),  # the export's measuring
+            *("--fetch-threads", "2"),  # how a node copies a bucket's dataset
         ]
     )
     check_same_sweep(controls, sweep_dir)

@@ -284,6 +284,81 @@ def test_a_dataset_in_a_bucket_is_copied_once_and_every_shard_checked(
     assert not list(tmp_path.rglob("escaped.tar"))
 
 
+def test_a_bucket_dataset_of_many_shards_is_fetched_several_at_a_time(
+    s3: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """180 shards of ten digits each: at most --fetch-threads of them in flight at once, more
+    than one at a time, and the copy the same as the one fetched one at a time. A bad shard
+    among many stops the copy, names the shard and leaves no partial file."""
+    import threading
+
+    import boto3
+
+    from resnet18_dist import storage
+    from resnet18_dist.data.digits import prepare_digits
+    from resnet18_dist.data.manifest import DatasetError, Manifest
+    from resnet18_dist.data.remote import fetch_dataset
+
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    local = tmp_path / "digits-small-shards"
+    prepare_digits(local, shard_size=10)
+    source = Manifest.load(local)
+    shards = [s.path for split in ("train", "val", "test") for s in source.shards[split]]
+    assert len(shards) >= 100
+    _upload(s3, local, "data/many")
+    uri = f"s3://{BUCKET}/data/many"
+
+    lock = threading.Lock()
+    active, peak = [0], [0]
+    real_stream = storage.stream_to_file
+
+    def watched(src: str, part: Path) -> str:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.01)  # a slower link: lets transfers overlap if they can
+            return real_stream(src, part)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(storage, "stream_to_file", watched)
+    parallel = fetch_dataset(uri, cache=tmp_path / "c4", threads=4)
+    assert 1 < peak[0] <= 4, peak
+    peak[0] = 0
+    serial = fetch_dataset(uri, cache=tmp_path / "c1", threads=1)
+    assert peak[0] == 1
+    for rel in [*shards, *(s.idx for split in source.shards.values() for s in split)]:
+        assert (
+            (parallel / rel).read_bytes()
+            == (serial / rel).read_bytes()
+            == (local / rel).read_bytes()
+        ), rel
+    assert Manifest.load(parallel).counts == source.counts
+
+    # One changed shard among many: refused naming it, no copy, no .part file left behind.
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], **_creds(s3))
+    bad = shards[len(shards) // 2]
+    client.put_object(Bucket=BUCKET, Key=f"data/many/{bad}", Body=b"not the shard")
+    with pytest.raises(DatasetError, match=rf"{uri}/{bad}: sha256 .* differs"):
+        fetch_dataset(uri, cache=tmp_path / "c-bad", threads=8)
+    made = tmp_path / "c-bad" / "remote-datasets"
+    assert [p for p in made.iterdir() if p.is_dir() and not p.name.startswith(".")] == []
+    assert not [p for p in made.rglob("*") if ".part" in p.name and p.is_file()]
+    # Mended in the bucket, the next fetch finishes the copy; partial files a killed copy left in
+    # its staging directory (one a thread) are removed, not carried into the copy.
+    stage = next(made.glob(".*.part"))
+    (stage / "train").mkdir(exist_ok=True)
+    (stage / "train" / "killed.tar.part").write_bytes(b"half a shard")
+    (stage / "killed.idx.part-1234").write_bytes(b"half an index")
+    client.put_object(Bucket=BUCKET, Key=f"data/many/{bad}", Body=(local / bad).read_bytes())
+    copy = fetch_dataset(uri, cache=tmp_path / "c-bad", threads=8)
+    assert Manifest.load(copy).counts == source.counts
+    assert not [p for p in copy.rglob("*") if ".part" in p.name]
+
+
 FETCH = """
 import sys
 from pathlib import Path

@@ -92,6 +92,7 @@ RUN_CONTROLS = {
     ("logging", "verbose"),
     ("cluster", "address"),
     ("logging", "wandb_mode"),
+    ("data", "fetch_threads"),  # how a node copies a bucket's dataset, not which data
     ("sweep", "max_int8_drop"),  # the export's gate, applied when the sweep ends
     ("sweep", "latency_iters"),  # the export's measuring, too
     ("sweep", "throughput_seconds"),

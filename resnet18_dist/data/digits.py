@@ -48,14 +48,16 @@ def prepare_digits(out: Path, quiet: bool = True, **options: object) -> PrepareR
         return prepare_dataset(opts, source_label=DIGITS_SOURCE)
 
 
-def dataset_dir(data_dir: str | None, expect_sha256: str | None = None) -> Path:
+def dataset_dir(
+    data_dir: str | None, expect_sha256: str | None = None, fetch_threads: int | None = None
+) -> Path:
     """The prepared dataset a run reads: ``--data-dir`` (a local path, or object storage copied
-    into this node's cache, refused if its manifest is not ``expect_sha256`` when given), or
-    the built-in digits by default."""
+    into this node's cache, ``fetch_threads`` shards at a time, refused if its manifest is not
+    ``expect_sha256`` when given), or the built-in digits by default."""
     if storage.is_remote(data_dir):
-        from resnet18_dist.data.remote import fetch_dataset
+        from resnet18_dist.data.remote import FETCH_THREADS, fetch_dataset
 
-        return fetch_dataset(data_dir, expect_sha256)
+        return fetch_dataset(data_dir, expect_sha256, threads=fetch_threads or FETCH_THREADS)
     return Path(data_dir) if data_dir else ensure_digits_dataset()
 
 

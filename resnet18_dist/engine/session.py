@@ -93,7 +93,9 @@ def build_data(cfg: TrainConfig, runtime: TorchRuntime) -> RunData:
     node, local rank 0; the others wait for its verdict in the collective below, so a bad shard
     stops every rank with an error and nobody reads it.
     """
-    manifest = Manifest.load(dataset_dir(cfg.data.data_dir, cfg.data.manifest_sha256))
+    manifest = Manifest.load(
+        dataset_dir(cfg.data.data_dir, cfg.data.manifest_sha256, cfg.data.fetch_threads)
+    )
     policy = resolve_policy(cfg.data, manifest)
     settings = loader_settings(
         cfg.data,
