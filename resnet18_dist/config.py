@@ -412,6 +412,15 @@ class ClusterConfig(Options):
     address: str | None = opt(
         None, "Ray cluster address. Default: RAY_ADDRESS, a running local cluster, or a new one."
     )
+    wait_for_resources: float = opt(
+        600.0,
+        "On a cluster with an autoscaler: how long to wait (seconds) for it to add the nodes "
+        "that the workers (a sweep: one trial) need, when the live nodes cannot hold them. A "
+        "request that no node type can hold (reported by autoscaler v2) is refused at once; 0 "
+        "refuses at once whatever the autoscaler could add. Without an autoscaler, unused.",
+        ge=0,
+        metavar="S",
+    )
 
     def worker_range(self) -> tuple[int, int]:
         """(MIN, MAX) workers; MIN == MAX for a fixed-size run."""

@@ -171,6 +171,87 @@ class LoopbackCluster:
             )
         )
 
+    def start_autoscaling_head(self, node_types: dict[str, dict], cpus: int = 0) -> Node:
+        """A head whose autoscaler (v2, as cluster/ configures it) starts worker nodes of
+        ``node_types`` ({name: {"resources": {...}, "max_workers": N}}, none at first) for
+        demand, with Ray's fake multi-node provider: each "node" a raylet on this machine. What
+        `ray.cluster_utils.AutoscalingCluster` sets up, without its `ray stop --force` (which
+        stops every Ray on the machine) and its defaults file (not in Ray's wheel: the provider
+        is named as an external module instead, which needs none)."""
+        from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+        config = {
+            "cluster_name": "loopback-autoscaling",
+            "max_workers": sum(t["max_workers"] for t in node_types.values()),
+            "provider": {
+                "type": "external",
+                "module": "ray.autoscaler._private.fake_multi_node.node_provider."
+                "FakeMultiNodeProvider",
+                "gcs_address": self.address,
+                "head_node_id": FAKE_HEAD_NODE_ID,
+                "launch_multiple": True,
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+            },
+            "available_node_types": {
+                "ray.head.default": {
+                    "resources": {"CPU": cpus},
+                    "node_config": {},
+                    "max_workers": 0,
+                },
+                **{
+                    name: {"node_config": {}, "min_workers": 0, **t}
+                    for name, t in node_types.items()
+                },
+            },
+            "head_node_type": "ray.head.default",
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 10,
+            "auth": {},
+            "docker": {},
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
+            "initialization_commands": [],
+            "setup_commands": [],
+            "head_setup_commands": [],
+            "worker_setup_commands": [],
+            "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }
+        path = self.tmp / "autoscaling.json"  # JSON is YAML
+        path.write_text(json.dumps(config))
+        self.env.update(
+            RAY_FAKE_CLUSTER="1",
+            AUTOSCALER_UPDATE_INTERVAL_S="1",
+            RAY_enable_autoscaler_v2="1",
+            RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID,
+            RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
+        )
+        try:
+            return self._started(
+                self._start(
+                    "head",
+                    [
+                        "--head",
+                        *("--port", str(self.gcs_port)),
+                        *("--dashboard-host", "127.0.0.1"),
+                        *("--dashboard-port", str(self.dashboard_port)),
+                        *("--include-dashboard", "true"),
+                        f"--autoscaling-config={path}",
+                    ],
+                    cpus,
+                    {},
+                )
+            )
+        finally:
+            # Drivers and the nodes the autoscaler starts are not the head: they keep their own.
+            for name in ("RAY_CLOUD_INSTANCE_ID", "RAY_OVERRIDE_NODE_ID_FOR_TESTING"):
+                self.env.pop(name)
+
     def add_node(self, name: str, cpus: int, resources: dict[str, float] | None = None) -> Node:
         return self.add_nodes([name], cpus, resources)[0]
 

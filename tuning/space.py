@@ -79,7 +79,10 @@ class SweepOptions(Options):
     )
     num_samples: int = opt(8, "Number of trials.", ge=1)
     max_concurrent: int = opt(
-        0, "Most trials at once (0 = as many as the cluster can place).", ge=0
+        0,
+        "Most trials at once (0 = as many as the live nodes hold; on a cluster with an "
+        "autoscaler, all of them: it adds nodes for the trials that queue).",
+        ge=0,
     )
     max_epochs: int | None = opt(
         None,

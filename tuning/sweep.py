@@ -45,41 +45,92 @@ class TrialPlan:
     workers: int
     cpus_per_worker: int
     fits: int  # trials at once on the live nodes
-    concurrent: int  # what the sweep runs at once (--max-concurrent, capped by fits)
+    concurrent: int  # what the sweep runs at once
     total_cpus: float
     total_gpus: float
+    autoscaler: str | None = None  # "v1" / "v2" where the cluster can add nodes
+    most: int | None = None  # trials at once on the largest cluster its autoscaler can make
 
     def describe(self) -> str:
         gpu = f" and {self.gpus:g} GPU(s)" if self.gpus else ""
-        return (
+        text = (
             f"Each trial needs {self.cpus:g} CPU(s){gpu}: 1 CPU for its Train driver + "
             f"{self.workers} worker(s) x {self.cpus_per_worker} CPU"
             f"{' + 1 GPU' if self.gpus else ''}. The cluster has {self.total_cpus:g} CPU(s)"
-            f"{f' and {self.total_gpus:g} GPU(s)' if self.gpus else ''}: {self.fits} trial(s) "
-            f"fit at once; running {self.concurrent} at once."
+            f"{f' and {self.total_gpus:g} GPU(s)' if self.gpus else ''}"
         )
+        if self.most is not None:
+            return (
+                f"{text} on its live nodes ({self.fits} trial(s) at once); its autoscaler "
+                f"({self.autoscaler}) can add nodes for {self.most}: running {self.concurrent} "
+                "at once."
+            )
+        if self.autoscaler:
+            return (
+                f"{text}: {self.fits} trial(s) fit at once on the live nodes; running "
+                f"{self.concurrent} at once (autoscaler {self.autoscaler} reports no maximum: "
+                "--max-concurrent runs more, for it to add nodes for)."
+            )
+        return f"{text}: {self.fits} trial(s) fit at once; running {self.concurrent} at once."
 
 
 def plan_trials(cfg: SweepConfig, use_gpu: bool) -> TrialPlan:
-    """Refuse (ConfigError, exit code 2) a sweep whose single trial cannot be placed."""
+    """How many trials run at once; refuses (ConfigError, exit code 2) a sweep whose single
+    trial cannot be placed. On a cluster whose autoscaler can add nodes, a trial the live nodes
+    cannot hold is waited for (--wait-for-resources), and the concurrency is what the largest
+    cluster it can make holds (autoscaler v2's verdicts), not what is up now: a trial started
+    beyond that would hold its driver's CPU while its workers wait for CPUs that never come."""
+    from resnet18_dist.launching.autoscaler import autoscaler_kind, most_that_fit, wait_for_nodes
     from resnet18_dist.launching.ray_cluster import cluster_capacity
 
     total, _per_node, gpus = cluster_capacity()
     cpw = cfg.cluster.cpus_per_worker or 1
     need = 1 + cfg.cluster.max_workers * cpw
     need_gpus = cfg.cluster.max_workers if use_gpu else 0
-    fits = int(total // need)
-    if use_gpu:
-        fits = min(fits, int(gpus // need_gpus)) if need_gpus else fits
+    trial = [{"CPU": 1.0}] + [
+        {"CPU": float(cpw), **({"GPU": 1.0} if use_gpu else {})}
+    ] * cfg.cluster.max_workers
+
+    def live_fits() -> int:
+        n = int(total // need)
+        return min(n, int(gpus // need_gpus)) if use_gpu and need_gpus else n
+
+    fits = live_fits()
+    scaler = autoscaler_kind()
     if fits < 1:
-        raise ConfigError(
-            "--num-workers",
+        message = (
             f"one trial needs {need} CPUs (1 for its Train driver + {cfg.cluster.max_workers} "
             f"worker(s) x {cpw} CPU), but the cluster has {total:g}; lower --num-workers or "
-            "--cpus-per-worker",
+            "--cpus-per-worker"
         )
-    concurrent = min(cfg.sweep.max_concurrent or fits, fits)
-    return TrialPlan(need, need_gpus, cfg.cluster.max_workers, cpw, fits, concurrent, total, gpus)
+        if scaler is None or cfg.cluster.wait_for_resources == 0:
+            raise ConfigError("--num-workers", message)
+        wait_for_nodes(
+            trial, "PACK", cfg.cluster.wait_for_resources, scaler, "--num-workers", message
+        )
+        total, _per_node, gpus = cluster_capacity()
+        fits = max(1, live_fits())
+    wanted = cfg.sweep.max_concurrent or cfg.sweep.num_samples
+    most = None
+    if scaler == "v2":
+        most = max(1, most_that_fit(trial, wanted)) if wanted > fits else fits
+        concurrent = min(wanted, max(most, fits))
+    elif scaler == "v1":  # no verdicts: what --max-concurrent asks for, else the live nodes
+        concurrent = cfg.sweep.max_concurrent or fits
+    else:
+        concurrent = min(cfg.sweep.max_concurrent or fits, fits)
+    return TrialPlan(
+        need,
+        need_gpus,
+        cfg.cluster.max_workers,
+        cpw,
+        fits,
+        concurrent,
+        total,
+        gpus,
+        autoscaler=scaler,
+        most=most,
+    )
 
 
 # Options that say how this invocation runs, not what the sweep is: a rerun may change them.
@@ -91,6 +142,7 @@ RUN_CONTROLS = {
     ("logging", "quiet"),
     ("logging", "verbose"),
     ("cluster", "address"),
+    ("cluster", "wait_for_resources"),  # how long this invocation waits for an autoscaler
     ("logging", "wandb_mode"),
     ("data", "fetch_threads"),  # how a node copies a bucket's dataset, not which data
     ("sweep", "max_int8_drop"),  # the export's gate, applied when the sweep ends

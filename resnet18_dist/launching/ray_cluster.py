@@ -147,31 +147,64 @@ def resolve_use_gpu(device: DeviceConfig, gpus: float) -> bool:
 def check_resources(cluster: ClusterConfig, device: DeviceConfig) -> bool:
     """Refuse, naming the option, a request the cluster cannot place; returns use_gpu.
 
-    A Ray autoscaler could add nodes, but the live nodes are what is checked here.
+    The live nodes are checked first. Where they cannot hold the workers and the cluster has an
+    autoscaler, it is asked for them and waited for, up to --wait-for-resources
+    (launching/autoscaler.py); without one, the request is refused at once.
     """
     total, per_node, gpus = cluster_capacity()
     use_gpu = resolve_use_gpu(device, gpus)
+    if device.amp == "fp16" and not use_gpu:  # else each worker refuses it after Ray starts
+        raise ConfigError("--amp", "fp16 is for CUDA GPUs; these workers train on CPUs")
     cpus = cluster.cpus_per_worker or 1
+    # An elastic run starts once its MIN workers fit; Ray Train grows it later.
+    workers = cluster.min_workers
+    short = _shortfall(workers, cpus, use_gpu, device, total, per_node, gpus)
+    if short is None:
+        return use_gpu
+    option, message = short
+    from resnet18_dist.launching.autoscaler import autoscaler_kind, wait_for_nodes
+
+    scaler = autoscaler_kind() if cluster.wait_for_resources > 0 else None
+    if scaler is None:
+        raise ConfigError(option, message)
+    bundle = {"CPU": float(cpus), **({"GPU": 1.0} if use_gpu else {})}
+    wait_for_nodes(
+        [bundle] * workers,
+        cluster.placement.upper(),  # Ray Train's own strategy (integrations/ray_train.py)
+        cluster.wait_for_resources,
+        scaler,
+        option,
+        message,
+    )
+    return use_gpu
+
+
+def _shortfall(
+    workers: int,
+    cpus: int,
+    use_gpu: bool,
+    device: DeviceConfig,
+    total: float,
+    per_node: float,
+    gpus: float,
+) -> tuple[str, str] | None:
+    """(option, why) where the live nodes cannot hold the workers; None where they can."""
     if cpus > per_node:
-        raise ConfigError(
+        return (
             "--cpus-per-worker",
             f"{cpus} CPUs per worker, but no node of the cluster has more than {per_node:g}",
         )
-    # An elastic run starts once its MIN workers fit; Ray Train grows it later.
-    workers = cluster.min_workers
     need = workers * cpus
     if need > total:
-        raise ConfigError(
+        return (
             "--num-workers",
             f"{workers} workers x {cpus} CPU(s) = {need} CPUs, but the "
             f"cluster has {total:g}; lower --num-workers or --cpus-per-worker",
         )
     if use_gpu and workers > gpus:
-        raise ConfigError(
+        return (
             "--num-workers",
             f"{workers} GPU workers, but the cluster has {gpus:g} GPU(s)"
             + ("" if device.use_gpu == "on" else "; pass --use-gpu off to train on CPUs"),
         )
-    if device.amp == "fp16" and not use_gpu:  # else each worker refuses it after Ray starts
-        raise ConfigError("--amp", "fp16 is for CUDA GPUs; these workers train on CPUs")
-    return use_gpu
+    return None
