@@ -80,8 +80,9 @@ class SweepOptions(Options):
     num_samples: int = opt(8, "Number of trials.", ge=1)
     max_concurrent: int = opt(
         0,
-        "Most trials at once (0 = as many as the live nodes hold; on a cluster with an "
-        "autoscaler, all of them: it adds nodes for the trials that queue).",
+        "Most trials at once (0 = as many as the cluster holds: the live nodes, or on a "
+        "cluster with autoscaler v2 the largest it can make; with v1, --max-concurrent N runs "
+        "N, for it to add nodes for).",
         ge=0,
     )
     max_epochs: int | None = opt(

@@ -96,14 +96,15 @@ def plan_trials(cfg: SweepConfig, use_gpu: bool) -> TrialPlan:
         return min(n, int(gpus // need_gpus)) if use_gpu and need_gpus else n
 
     fits = live_fits()
-    scaler = autoscaler_kind()
+    # --wait-for-resources 0: the live nodes only, as on a cluster without an autoscaler.
+    scaler = autoscaler_kind() if cfg.cluster.wait_for_resources > 0 else None
     if fits < 1:
         message = (
             f"one trial needs {need} CPUs (1 for its Train driver + {cfg.cluster.max_workers} "
             f"worker(s) x {cpw} CPU), but the cluster has {total:g}; lower --num-workers or "
             "--cpus-per-worker"
         )
-        if scaler is None or cfg.cluster.wait_for_resources == 0:
+        if scaler is None:
             raise ConfigError("--num-workers", message)
         wait_for_nodes(
             trial, "PACK", cfg.cluster.wait_for_resources, scaler, "--num-workers", message

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None, prog: str = "resnet18-dist sweep") -> in
     start_ray(
         cfg.cluster.address, cfg.logging.verbose
     )  # with the dashboard: Train V2 needs its API
-    use_gpu = check_resources(cfg.cluster, cfg.device)
+    use_gpu = check_resources(cfg.cluster, cfg.device, trial_waits=True)
     plan = plan_trials(cfg, use_gpu)
     # Only once the cluster can run it: --fresh moves the old sweep aside.
     if cfg.run.fresh and sweep.exists():

@@ -87,15 +87,36 @@ def live_capacity() -> str:
     return f"{len(nodes)} live node(s) with {cpus:g} CPU(s) and {gpus:g} GPU(s)"
 
 
-def _infeasible(pg_id: str) -> bool:
-    """Whether autoscaler v2 reports this placement group as one no node type can hold."""
+def _infeasible(pg_id: str, bundles: list[Bundle]) -> bool:
+    """Whether no node type can ever hold this placement group: autoscaler v2 reports it
+    infeasible, and the live nodes could not hold it even idle. v2 judges against what is free
+    now plus what it may still add, so on a busy cluster at its largest a request that fits
+    its totals is called infeasible too; that one waits for the other work instead."""
     reply = _cluster_status()
     if reply is None:
         return False
-    return any(
+    reported = any(
         req.details.startswith(pg_id)
         for req in reply.autoscaling_state.infeasible_gang_resource_requests
     )
+    return reported and not _fits_live_totals(bundles)
+
+
+def _fits_live_totals(bundles: list[Bundle]) -> bool:
+    """Whether the live nodes' total resources (used or not) hold ``bundles``, first fit,
+    largest first; the strategies used here are soft, so a group may span nodes."""
+    import ray
+
+    free = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    for bundle in sorted(bundles, key=lambda b: -sum(b.values())):
+        for node in free:
+            if all(node.get(k, 0.0) >= v for k, v in bundle.items()):
+                for k, v in bundle.items():
+                    node[k] -= v
+                break
+        else:
+            return False
+    return True
 
 
 def wait_for_nodes(
@@ -127,7 +148,7 @@ def wait_for_nodes(
                 print(f"{shape} placed after {waited:.0f} s: {live_capacity()}", flush=True)
                 return waited
             now = time.monotonic()
-            if scaler == "v2" and _infeasible(pg.id.hex()):
+            if scaler == "v2" and _infeasible(pg.id.hex(), bundles):
                 raise ConfigError(
                     option,
                     f"{shape}: no node type of this cluster can hold it (its autoscaler reports "
@@ -150,36 +171,35 @@ def wait_for_nodes(
         remove_placement_group(pg)
 
 
-def _state_version() -> int:
-    reply = _cluster_status()
-    return reply.autoscaling_state.autoscaler_state_version if reply is not None else 0
+def _round_s() -> float:
+    """Seconds between the autoscaler's rounds: Ray's own setting, which the head and a driver
+    read from the same environment variable (5 s unless set)."""
+    from ray.autoscaler._private.constants import AUTOSCALER_UPDATE_INTERVAL_S
+
+    return float(AUTOSCALER_UPDATE_INTERVAL_S)
 
 
 # Autoscaler v2 rounds to wait for a verdict: the round that first sees a new placement group
 # may report before it has tried it; by the third, an infeasible one has been reported.
 VERDICT_ROUNDS = 3
-VERDICT_TIMEOUT_S = 60.0
 
 
 def can_ever_hold(bundles: list[Bundle], strategy: str = "PACK") -> bool:
-    """Autoscaler v2's verdict on ``bundles``: False where it reports that no mix of its node
-    types (within their max counts) can hold them, True once they are placed or it has had
-    VERDICT_ROUNDS rounds to say so. The probe is a placement group, removed after; a feasible
-    one has the autoscaler start the nodes it needs (which the sweep then uses)."""
+    """Autoscaler v2's verdict on ``bundles``: False where no node type can ever hold them
+    (_infeasible), True once they are placed or VERDICT_ROUNDS of its rounds have passed
+    without that verdict. The probe is a placement group, removed after; a feasible one has
+    the autoscaler start the nodes it needs (which the run or sweep then uses)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     pg = placement_group(bundles, strategy=strategy)
-    first = _state_version()
-    deadline = time.monotonic() + VERDICT_TIMEOUT_S
+    deadline = time.monotonic() + VERDICT_ROUNDS * _round_s()
     try:
         while time.monotonic() < deadline:
             if pg.wait(timeout_seconds=0.5):
                 return True
-            if _infeasible(pg.id.hex()):
+            if _infeasible(pg.id.hex(), bundles):
                 return False
-            if _state_version() >= first + VERDICT_ROUNDS:
-                return True
-        return True  # no verdict in time: the autoscaler did not call it infeasible
+        return True
     finally:
         remove_placement_group(pg)
 

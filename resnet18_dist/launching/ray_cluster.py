@@ -144,15 +144,29 @@ def resolve_use_gpu(device: DeviceConfig, gpus: float) -> bool:
     return gpus > 0
 
 
-def check_resources(cluster: ClusterConfig, device: DeviceConfig) -> bool:
+def check_resources(
+    cluster: ClusterConfig, device: DeviceConfig, *, trial_waits: bool = False
+) -> bool:
     """Refuse, naming the option, a request the cluster cannot place; returns use_gpu.
 
     The live nodes are checked first. Where they cannot hold the workers and the cluster has an
     autoscaler, it is asked for them and waited for, up to --wait-for-resources
-    (launching/autoscaler.py); without one, the request is refused at once.
+    (launching/autoscaler.py); without one, the request is refused at once. ``trial_waits``: a
+    sweep, whose plan waits for a whole trial (tuning/sweep.py), so nothing is waited for here.
+    ``--use-gpu auto`` with no GPU up trains on GPUs where the autoscaler can add a GPU node.
     """
+    from resnet18_dist.launching.autoscaler import (
+        autoscaler_kind,
+        can_ever_hold,
+        wait_for_nodes,
+    )
+
     total, per_node, gpus = cluster_capacity()
+    scaler = autoscaler_kind() if cluster.wait_for_resources > 0 else None
     use_gpu = resolve_use_gpu(device, gpus)
+    if device.use_gpu == "auto" and not gpus and scaler == "v2" and can_ever_hold([{"GPU": 1.0}]):
+        print("No GPU node is up; the autoscaler can add GPU nodes: training on GPUs", flush=True)
+        use_gpu = True
     if device.amp == "fp16" and not use_gpu:  # else each worker refuses it after Ray starts
         raise ConfigError("--amp", "fp16 is for CUDA GPUs; these workers train on CPUs")
     cpus = cluster.cpus_per_worker or 1
@@ -162,20 +176,18 @@ def check_resources(cluster: ClusterConfig, device: DeviceConfig) -> bool:
     if short is None:
         return use_gpu
     option, message = short
-    from resnet18_dist.launching.autoscaler import autoscaler_kind, wait_for_nodes
-
-    scaler = autoscaler_kind() if cluster.wait_for_resources > 0 else None
     if scaler is None:
         raise ConfigError(option, message)
-    bundle = {"CPU": float(cpus), **({"GPU": 1.0} if use_gpu else {})}
-    wait_for_nodes(
-        [bundle] * workers,
-        cluster.placement.upper(),  # Ray Train's own strategy (integrations/ray_train.py)
-        cluster.wait_for_resources,
-        scaler,
-        option,
-        message,
-    )
+    if not trial_waits:
+        bundle = {"CPU": float(cpus), **({"GPU": 1.0} if use_gpu else {})}
+        wait_for_nodes(
+            [bundle] * workers,
+            cluster.placement.upper(),  # Ray Train's own strategy (integrations/ray_train.py)
+            cluster.wait_for_resources,
+            scaler,
+            option,
+            message,
+        )
     return use_gpu
 
 
