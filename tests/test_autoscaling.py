@@ -4,8 +4,8 @@ provider on loopback (tests/ray_cluster.py). A job that needs that node type has
 finishes (with --use-gpu auto: there is no GPU node type, so on CPUs); one that no node type can
 hold is refused at once; one whose nodes do not come in time is refused naming
 --wait-for-resources. The jobs run in this order on one cluster, the first from zero nodes. A
-sweep, on a cluster of its own from zero nodes, sizes its concurrency from the largest cluster
-the autoscaler can make, not from the nodes up now."""
+sweep, first, on a cluster of its own from zero nodes, sizes its concurrency from the largest
+cluster the autoscaler can make, not from the nodes up now."""
 
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 # Two-CPU worker nodes, none at first, at most two: the largest cluster holds 4 CPUs.
 NODE_TYPES = {"cpu2": {"resources": {"CPU": 2}, "max_workers": 2}}
+# The sweep's cluster: up to three such nodes (6 CPUs).
+SWEEP_NODE_TYPES = {"cpu2": {"resources": {"CPU": 2}, "max_workers": 3}}
 
 
 @contextlib.contextmanager
-def _autoscaling_cluster(tmp: Path) -> Iterator[LoopbackCluster]:
+def _autoscaling_cluster(tmp: Path, node_types: dict = NODE_TYPES) -> Iterator[LoopbackCluster]:
     c = LoopbackCluster(tmp)
     try:
-        c.start_autoscaling_head(NODE_TYPES, cpus=0)
+        c.start_autoscaling_head(node_types, cpus=0)
         yield c
     finally:
         c.shutdown()
@@ -71,6 +73,40 @@ def _cpu_nodes(cluster: LoopbackCluster) -> int:
         for n in cluster.state("nodes")
         if n["state"] == "ALIVE" and n.get("resources_total", {}).get("CPU", 0) > 0
     )
+
+
+def test_a_sweep_runs_as_many_trials_as_the_largest_cluster_holds(tmp_path: Path) -> None:
+    """The plan of a sweep of 4 trials of 1 worker (2 CPUs each with its driver) on a cluster
+    of no nodes whose type may have 3: it waits for one trial's node, then runs 3 at once, what
+    the largest cluster holds (asked of the autoscaler), not the 1 (or 2, where the autoscaler
+    started two nodes for the first request) that the live nodes hold. First in this module, so
+    that its cluster never runs beside the jobs' cluster."""
+    code = (
+        "import ray\n"
+        "from resnet18_dist.tuning.space import SweepConfig\n"
+        "from resnet18_dist.tuning.sweep import plan_trials\n"
+        "ray.init()\n"
+        "cfg = SweepConfig.from_dict({'sweep': {'num_samples': 4}})\n"
+        "print(plan_trials(cfg, use_gpu=False).describe())\n"
+    )
+    with _autoscaling_cluster(tmp_path, SWEEP_NODE_TYPES) as fresh:
+        env = {**fresh.env, "RAY_ADDRESS": fresh.address, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    out = proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0, out
+    assert "waiting up to 600 s (--wait-for-resources)" in proc.stdout, out
+    assert re.search(
+        r"The cluster has (2|4) CPU\(s\) on its live nodes \((1|2) trial\(s\) at once\); its "
+        r"autoscaler \(v2\) can add nodes for 3: running 3 at once\.",
+        proc.stdout,
+    ), out
 
 
 def test_a_job_waits_for_the_autoscaler_to_add_a_node_and_finishes(
@@ -131,34 +167,3 @@ def test_nodes_that_do_not_come_in_time_are_refused_naming_the_wait(
     ), proc.stderr[-3000:]
     assert re.search(r"wait longer, or lower --(num-workers|cpus-per-worker)", proc.stderr)
     assert not (user_dir / "runs" / "late").exists()
-
-
-def test_a_sweep_runs_as_many_trials_as_the_largest_cluster_holds(tmp_path: Path) -> None:
-    """The plan of a sweep of 4 trials of 1 worker (2 CPUs each with its driver) on a cluster
-    of no nodes: it waits for one trial's node, then runs 2 at once, what both nodes of the type
-    hold (asked of the autoscaler), not the 1 that the live node holds."""
-    code = (
-        "import ray\n"
-        "from resnet18_dist.tuning.space import SweepConfig\n"
-        "from resnet18_dist.tuning.sweep import plan_trials\n"
-        "ray.init()\n"
-        "cfg = SweepConfig.from_dict({'sweep': {'num_samples': 4}})\n"
-        "print(plan_trials(cfg, use_gpu=False).describe())\n"
-    )
-    with _autoscaling_cluster(tmp_path) as fresh:
-        env = {**fresh.env, "RAY_ADDRESS": fresh.address, "PYTHONPATH": str(REPO)}
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    out = proc.stdout + proc.stderr[-3000:]
-    assert proc.returncode == 0, out
-    assert "waiting up to 600 s (--wait-for-resources)" in proc.stdout, out
-    assert (
-        "The cluster has 2 CPU(s) on its live nodes (1 trial(s) at once); its autoscaler (v2) "
-        "can add nodes for 2: running 2 at once." in proc.stdout
-    ), out

@@ -87,12 +87,12 @@ def live_capacity() -> str:
     return f"{len(nodes)} live node(s) with {cpus:g} CPU(s) and {gpus:g} GPU(s)"
 
 
-def _infeasible(pg_id: str, bundles: list[Bundle]) -> bool:
+def _infeasible(pg_id: str, bundles: list[Bundle], reply=None) -> bool:
     """Whether no node type can ever hold this placement group: autoscaler v2 reports it
     infeasible, and the live nodes could not hold it even idle. v2 judges against what is free
     now plus what it may still add, so on a busy cluster at its largest a request that fits
     its totals is called infeasible too; that one waits for the other work instead."""
-    reply = _cluster_status()
+    reply = reply or _cluster_status()
     if reply is None:
         return False
     reported = any(
@@ -171,34 +171,39 @@ def wait_for_nodes(
         remove_placement_group(pg)
 
 
-def _round_s() -> float:
-    """Seconds between the autoscaler's rounds: Ray's own setting, which the head and a driver
-    read from the same environment variable (5 s unless set)."""
-    from ray.autoscaler._private.constants import AUTOSCALER_UPDATE_INTERVAL_S
-
-    return float(AUTOSCALER_UPDATE_INTERVAL_S)
-
-
-# Autoscaler v2 rounds to wait for a verdict: the round that first sees a new placement group
-# may report before it has tried it; by the third, an infeasible one has been reported.
-VERDICT_ROUNDS = 3
+# The most a verdict is waited for (autoscaler v2 gives one within a round or two, 5 s each by
+# default); without one, the request counts as feasible (the run then waits as usual).
+VERDICT_TIMEOUT_S = 120.0
 
 
 def can_ever_hold(bundles: list[Bundle], strategy: str = "PACK") -> bool:
     """Autoscaler v2's verdict on ``bundles``: False where no node type can ever hold them
-    (_infeasible), True once they are placed or VERDICT_ROUNDS of its rounds have passed
-    without that verdict. The probe is a placement group, removed after; a feasible one has
-    the autoscaler start the nodes it needs (which the run or sweep then uses)."""
+    (_infeasible), True once they are placed or once the autoscaler has reported on a cluster
+    state that holds the request without calling it infeasible. That state is the GCS's
+    cluster-resource-state version in which the request first shows as pending; the autoscaler
+    reports the last version it has seen (not a wall-clock guess: on a loaded machine a round
+    takes longer than its interval). The probe is a placement group, removed after; a feasible
+    one has the autoscaler start the nodes it needs (which the run or sweep then uses)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     pg = placement_group(bundles, strategy=strategy)
-    deadline = time.monotonic() + VERDICT_ROUNDS * _round_s()
+    pg_id = pg.id.hex()
+    seen_in: int | None = None  # the state version in which the request shows as pending
+    deadline = time.monotonic() + VERDICT_TIMEOUT_S
     try:
         while time.monotonic() < deadline:
             if pg.wait(timeout_seconds=0.5):
                 return True
-            if _infeasible(pg.id.hex(), bundles):
-                return False
+            reply = _cluster_status()
+            if reply is None:
+                return True  # no autoscaler view: no verdict to wait for
+            state = reply.cluster_resource_state
+            if seen_in is None:
+                if any(r.details.startswith(pg_id) for r in state.pending_gang_resource_requests):
+                    seen_in = state.cluster_resource_state_version
+                continue
+            if reply.autoscaling_state.last_seen_cluster_resource_state_version >= seen_in:
+                return not _infeasible(pg_id, bundles, reply)
         return True
     finally:
         remove_placement_group(pg)
