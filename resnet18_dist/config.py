@@ -36,6 +36,7 @@ __all__ = [
 
 AUGMENT_POLICIES = ("auto", "seed", "cifar", "trivialaugment", "autoaugment", "none")
 BACKENDS = ("auto", "torchvision", "dali")
+PREPROCESS_POLICIES = ("auto", "squash", "photo")
 STEMS = ("auto", "imagenet", "cifar")
 SE_REDUCTIONS = (0, 4, 8, 16, 32)
 WIDTH_MAX = 1.0  # --width narrows the network; 1.0 is the real ResNet
@@ -73,6 +74,16 @@ class DataConfig(Options):
         "the dataset's hint if it has one (digits: none), else cifar for images <= 64 px, else "
         "seed.",
         choices=AUGMENT_POLICIES,
+    )
+    preprocess: str = opt(
+        "auto",
+        "How an image becomes the model's square input: squash (resize the whole image to "
+        "size x size: CIFAR, digits) or photo (torchvision's ImageNet recipe: in training a "
+        "random resized crop, area 8-100% and aspect ratio 3/4-4/3, + flip; in evaluation, "
+        "export, predict and serving the shorter side resized to size / 0.875, then the centre "
+        "size x size). auto = photo when the dataset's images are not all square or are larger "
+        "than the image size, else squash.",
+        choices=PREPROCESS_POLICIES,
     )
     random_erasing: float = opt(
         0.0,

@@ -23,6 +23,11 @@ META_JSON = "meta.json"
 # the export (one fetched from a bucket) is checked against.
 REPORT_JSON = "report.json"
 FORMAT = "resnet18-dist/export-v1"
+SQUASH_LAYOUT = "NCHW float32 RGB, resize (bilinear) then (x/255 - mean) / std"
+PHOTO_LAYOUT = (
+    "NCHW float32 RGB, shorter side resized to {resize} (bilinear, longer side truncated), "
+    "centre {size}x{size} crop (offsets rounded half to even), then (x/255 - mean) / std"
+)
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
@@ -37,10 +42,29 @@ class ExportMeta:
     source_checkpoint: str
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
-    # The model takes float32 NCHW, RGB, resized to image_size x image_size (bilinear, as PIL
-    # and torchvision do), scaled to [0, 1] and normalised with mean/std; it returns logits.
-    input_layout: str = "NCHW float32 RGB, resize (bilinear) then (x/255 - mean) / std"
+    # The model takes float32 NCHW, RGB, brought to image_size x image_size by ``preprocess``
+    # (bilinear, as PIL and torchvision resize), scaled to [0, 1] and normalised with mean/std;
+    # it returns logits. Exports from before ``preprocess`` was recorded squashed the image.
+    input_layout: str = SQUASH_LAYOUT
     format: str = FORMAT
+    preprocess: str = "squash"  # squash | photo (resnet18_dist/preprocessing.py)
+    eval_resize: int = 0  # photo: the shorter side before the centre crop
+
+    @classmethod
+    def describe(cls, *, preprocess: str, eval_resize: int, **fields: Any) -> ExportMeta:
+        """A description whose ``input_layout`` spells out its geometry for other clients."""
+        size = fields["image_size"]
+        layout = (
+            PHOTO_LAYOUT.format(resize=eval_resize, size=size)
+            if preprocess == "photo"
+            else SQUASH_LAYOUT
+        )
+        return cls(
+            **fields,
+            preprocess=preprocess,
+            eval_resize=eval_resize if preprocess == "photo" else size,
+            input_layout=layout,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -252,10 +252,13 @@ SKIPPED: tuple[Skip, ...] = (
     Skip(
         "weights from elsewhere",
         "the file (or the ImageNet download) is the user's; tests/test_distill_finetune.py loads "
-        "a torchvision teacher's and a torchvision ResNet18's weights from files",
+        "a torchvision teacher's and a torchvision ResNet18's weights from files, and "
+        "tests/test_photos.py fine-tunes the latter on photos it makes, with the photo geometry",
         (
             "python launch/train.py --teacher resnet50 --teacher-weights "
             "resnet50-on-my-classes.pth",
+            "python launch/train.py --data-dir data/flowers --pretrained resnet18.pth "
+            "--image-size 224 --preprocess photo",
             "python launch/train.py --data-dir data/flowers --pretrained torchvision "
             "--freeze backbone",
             "python launch/train.py --data-dir data/flowers --pretrained resnet18.pth "

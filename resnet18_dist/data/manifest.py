@@ -59,6 +59,9 @@ class Manifest:
     native_size: int | None  # side length when every image is square and the same size
     max_side: int
     raw: dict[str, Any]
+    # Every image square (of any size). Manifests from before it was recorded: known only
+    # when every image has the same square size.
+    all_square: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -108,6 +111,9 @@ class Manifest:
                 native_size=raw["image"]["native_size"],
                 max_side=int(raw["image"]["max_side"]),
                 raw=raw,
+                all_square=bool(
+                    raw["image"].get("all_square", raw["image"]["native_size"] is not None)
+                ),
             )
             for split in SPLITS:
                 for shard in manifest.shards[split]:

@@ -1,4 +1,4 @@
-"""What every data backend must agree on: image size, augmentation policy and normalisation.
+"""What every data backend must agree on: image size, geometry, augmentation and normalisation.
 
 The torchvision and DALI backends each build their own operators from these values, so a
 policy means the same thing on either.
@@ -6,10 +6,11 @@ policy means the same thing on either.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from resnet18_dist.config import SMALL_IMAGE_MAX, DataConfig
 from resnet18_dist.data.manifest import Manifest
+from resnet18_dist.preprocessing import PHOTO, SQUASH, photo_resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,12 +58,30 @@ class DataPolicy:
     image_size: int
     augment: str  # seed | cifar | trivialaugment | autoaugment | none (resolved, never auto)
     random_erasing: float = 0.0  # probability per training image
+    preprocess: str = SQUASH  # squash | photo (resolved, never auto; see preprocessing.py)
+    preprocess_reason: str = field(default="", compare=False)  # why (console, run_info.json)
+
+    @property
+    def photo(self) -> bool:
+        return self.preprocess == PHOTO
+
+    @property
+    def eval_resize(self) -> int:
+        """Evaluation's shorter side before the centre crop (photo); the side itself (squash)."""
+        return photo_resize(self.image_size) if self.photo else self.image_size
+
+    @property
+    def random_crop(self) -> bool:
+        """Whether training starts with the photo geometry's random resized crop and a flip
+        (every policy but none: the crop stands in for the cifar policy's padded one)."""
+        return self.photo and self.augment != "none"
 
     @property
     def base_crop(self) -> bool:
         """Whether the training geometry includes the cifar policy's padded random crop."""
-        return self.augment == "cifar" or (
-            self.augment in AUTO_AUG_POLICIES and is_small(self.image_size)
+        return not self.photo and (
+            self.augment == "cifar"
+            or (self.augment in AUTO_AUG_POLICIES and is_small(self.image_size))
         )
 
 
@@ -75,8 +94,20 @@ def native_size(manifest: Manifest) -> int:
     return 0
 
 
+def resolve_preprocess(requested: str, manifest: Manifest, size: int) -> tuple[str, str]:
+    """The geometry for ``--preprocess`` and why (for the console and run_info.json)."""
+    if requested != "auto":
+        return requested, "--preprocess"
+    if not manifest.all_square:
+        return PHOTO, "auto: the images are not all square"
+    if manifest.max_side > size:
+        return PHOTO, f"auto: images up to {manifest.max_side} px, larger than {size} px"
+    return SQUASH, f"auto: square images of at most {size} px"
+
+
 def resolve_policy(cfg: DataConfig, manifest: Manifest) -> DataPolicy:
     size = cfg.image_size or native_size(manifest) or DEFAULT_PHOTO_SIZE
+    preprocess, reason = resolve_preprocess(cfg.preprocess, manifest, size)
     augment = cfg.augment
     if augment == "auto":
         # A dataset may name its policy (the built-in digits: "none", since digits are not
@@ -84,4 +115,10 @@ def resolve_policy(cfg: DataConfig, manifest: Manifest) -> DataPolicy:
         augment = manifest.raw.get("augment_hint") or (
             "cifar" if size <= SMALL_IMAGE_MAX else "seed"
         )
-    return DataPolicy(image_size=size, augment=augment, random_erasing=cfg.random_erasing)
+    return DataPolicy(
+        image_size=size,
+        augment=augment,
+        random_erasing=cfg.random_erasing,
+        preprocess=preprocess,
+        preprocess_reason=reason,
+    )

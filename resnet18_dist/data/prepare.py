@@ -320,7 +320,11 @@ def prepare_dataset(opts: PrepareOptions, source_label: str | None = None) -> Pr
             for s in SPLITS
         },
         "label_digits": label_digits,
-        "image": {"native_size": sides[0][0] if same else None, "max_side": max_side},
+        "image": {
+            "native_size": sides[0][0] if same else None,
+            "max_side": max_side,
+            "all_square": all(w == h for w, h in sides),
+        },
         "rejects": len(rejects),
         "augment_hint": opts.augment_hint,
         "shards": {},

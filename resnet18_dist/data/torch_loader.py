@@ -32,15 +32,23 @@ from resnet18_dist.data.policy import (
     erase_side,
 )
 from resnet18_dist.imaging import BadImage, decode_upright
+from resnet18_dist.preprocessing import PHOTO_RATIO, PHOTO_SCALE
 from resnet18_dist.seeding import derive_seed
 
 
 def train_transform(policy: DataPolicy) -> v2.Transform:
     size = policy.image_size
-    steps: list[v2.Transform] = [v2.Resize((size, size), antialias=True)]
+    steps: list[v2.Transform]
+    if policy.random_crop:  # photo: the crop and flip of torchvision's ImageNet reference
+        steps = [
+            v2.RandomResizedCrop(size, scale=PHOTO_SCALE, ratio=PHOTO_RATIO, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:  # squash, or photo with augment none: evaluation's geometry
+        steps = _eval_geometry(policy)
     if policy.augment == "seed":
         steps += [
-            v2.RandomHorizontalFlip(),
+            *([] if policy.random_crop else [v2.RandomHorizontalFlip()]),
             # Bilinear, as the DALI backend rotates (torchvision's default is nearest).
             v2.RandomRotation(ROTATION_DEGREES, interpolation=v2.InterpolationMode.BILINEAR),
             v2.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER),
@@ -48,7 +56,8 @@ def train_transform(policy: DataPolicy) -> v2.Transform:
     elif policy.augment in ("cifar", *AUTO_AUG_POLICIES):
         if policy.base_crop:
             steps.append(v2.RandomCrop(size, padding=crop_padding(size), padding_mode="reflect"))
-        steps.append(v2.RandomHorizontalFlip())
+        if not policy.random_crop:
+            steps.append(v2.RandomHorizontalFlip())
         if policy.augment == "trivialaugment":
             steps.append(
                 v2.TrivialAugmentWide(
@@ -75,8 +84,14 @@ def train_transform(policy: DataPolicy) -> v2.Transform:
 
 
 def eval_transform(policy: DataPolicy) -> v2.Transform:
+    return v2.Compose([*_eval_geometry(policy), *_to_normalized_tensor()])
+
+
+def _eval_geometry(policy: DataPolicy) -> list[v2.Transform]:
     size = policy.image_size
-    return v2.Compose([v2.Resize((size, size), antialias=True), *_to_normalized_tensor()])
+    if policy.photo:  # the shorter side to size / 0.875, then the centre (preprocessing.py)
+        return [v2.Resize(policy.eval_resize, antialias=True), v2.CenterCrop(size)]
+    return [v2.Resize((size, size), antialias=True)]
 
 
 def _to_normalized_tensor() -> list[v2.Transform]:

@@ -209,6 +209,9 @@ def describe_run(
         if storage.is_remote(cfg.data.data_dir)
         else str(data.manifest.root),
         "image_size": data.policy.image_size,
+        "preprocess": data.policy.preprocess,
+        "preprocess_reason": data.policy.preprocess_reason,
+        "eval_resize": data.policy.eval_resize,
         "augment": data.policy.augment,
         "stem": run.spec.stem,
         "data_backend": data.loaders.backend,
@@ -275,11 +278,14 @@ def open_run(
     callbacks.on_start({"config": cfg.to_dict(), **info})
     spec = run.spec
     log.info(
-        "data backend %s (requested %s), %d loader workers, image size %d, augment %s",
+        "data backend %s (requested %s), %d loader workers, image size %d, preprocess %s "
+        "(%s), augment %s",
         data.loaders.backend,
         cfg.data.data_backend,
         data.loaders.workers,
         data.policy.image_size,
+        data.policy.preprocess,
+        data.policy.preprocess_reason,
         data.policy.augment,
     )
     log.info(
@@ -323,9 +329,11 @@ def publish(
     presence marks the run as finished (engine/rundir.py)."""
     if not runtime.is_main:
         return
-    meta = ExportMeta(
+    meta = ExportMeta.describe(
         classes=data.manifest.classes,
         image_size=data.policy.image_size,
+        preprocess=data.policy.preprocess,
+        eval_resize=data.policy.eval_resize,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         model_spec=run.spec.to_dict(),

@@ -9,6 +9,7 @@ from resnet18_dist.checkpoint_file import CheckpointError, best_model_state, loa
 from resnet18_dist.data.policy import IMAGENET_MEAN, IMAGENET_STD
 from resnet18_dist.model_meta import ExportMeta
 from resnet18_dist.models import ModelSpec, ResNetClassifier, build_model
+from resnet18_dist.preprocessing import SQUASH
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[ResNetClassifier, dict[str, Any], ExportMeta]:
@@ -29,9 +30,13 @@ def model_from_checkpoint(path: str | Path) -> tuple[ResNetClassifier, dict[str,
         raise CheckpointError(
             f"{state['_path']}: no resolved image size; not a training checkpoint"
         )
-    meta = ExportMeta(
+    size = int(resolved["image_size"])
+    meta = ExportMeta.describe(
         classes=list(state["classes"]),
-        image_size=int(resolved["image_size"]),
+        image_size=size,
+        # Runs from before the photo geometry squashed every image.
+        preprocess=resolved.get("preprocess", SQUASH),
+        eval_resize=int(resolved.get("eval_resize", size)),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         model_spec=spec.to_dict(),

@@ -65,6 +65,7 @@ from resnet18_dist.model_meta import (
     MODEL_TFLITE,
     MODEL_TRT,
     REPORT_JSON,
+    ExportMeta,
 )
 from resnet18_dist.models.model_file import save_model_pt
 from resnet18_dist.options import Options, check, opt
@@ -191,10 +192,12 @@ class ExportOptions(Options):
 
 
 def _split_array(
-    manifest: Manifest, split: str, size: int, limit: int, quiet: bool = True
+    manifest: Manifest, split: str, meta: ExportMeta, limit: int, quiet: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed images (N, 3, H, W) float32 and labels, with the training eval transform."""
-    ds = ShardDataset(manifest, split, eval_transform(DataPolicy(size, "none")))
+    """Preprocessed images (N, 3, H, W) float32 and labels, with the training eval transform
+    of the model's geometry."""
+    policy = DataPolicy(meta.image_size, "none", preprocess=meta.preprocess)
+    ds = ShardDataset(manifest, split, eval_transform(policy))
     n = len(ds) if limit <= 0 else min(limit, len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=256)
     xs, ys = [], []
@@ -291,19 +294,16 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
         ) as measurers,
         staged_directory(Path(opts.out)) as stage,
     ):
-        test_x, test_y = _split_array(
-            manifest, "test", meta.image_size, opts.max_test_images, opts.quiet
-        )
-        calib, _ = _split_array(
-            manifest, "val", meta.image_size, opts.calibration_images, opts.quiet
-        )
+        test_x, test_y = _split_array(manifest, "test", meta, opts.max_test_images, opts.quiet)
+        calib, _ = _split_array(manifest, "val", meta, opts.calibration_images, opts.quiet)
         test_path, perf_path = Path(tmp) / "test.npy", Path(tmp) / "perf.npy"
         np.save(test_path, test_x)
         np.save(perf_path, test_x[:64])
         log.info(
-            "test split: %d images at %d px; calibration: %d validation images",
+            "test split: %d images at %d px (%s); calibration: %d validation images",
             len(test_x),
             meta.image_size,
+            meta.preprocess,
             len(calib),
         )
 
@@ -446,6 +446,7 @@ def export_artifacts(opts: ExportOptions) -> dict[str, Any]:
             "calibration_method": opts.calibration_method,
             "reduce_range": reduce_range,
             "image_size": meta.image_size,
+            "preprocess": meta.preprocess,
             "machine": machine_description(opts.threads),
             "threads": opts.threads,
             "tensorrt": trt_note or "built",

@@ -11,8 +11,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# Export report",
         "",
         f"- checkpoint: `{report['checkpoint']}`",
-        f"- test split: {report['test_images']} images at {report['image_size']} px from "
-        f"`{report['data_dir']}`",
+        f"- test split: {report['test_images']} images at {report['image_size']} px "
+        f"({report.get('preprocess', 'squash')}) from `{report['data_dir']}`",
         f"- INT8 calibration: {report['calibration_images']} validation images, "
         f"{report['calibration_method']}, reduce_range {report['reduce_range']}",
         f"- machine: {report['machine']}",

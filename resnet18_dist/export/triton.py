@@ -41,6 +41,8 @@ def render_config(meta: ExportMeta, name: str, max_batch_size: int, queue_delay_
     size = meta.image_size
     parameters = {
         "image_size": str(size),
+        "preprocess": meta.preprocess,
+        "eval_resize": str(meta.eval_resize),
         "mean": json.dumps(list(meta.mean)),
         "std": json.dumps(list(meta.std)),
         "input_layout": meta.input_layout,

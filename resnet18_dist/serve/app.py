@@ -220,6 +220,8 @@ class ClassifierDeployment:
                 **self.identity(),
                 "classes": meta.classes,
                 "input_size": meta.image_size,
+                "preprocess": meta.preprocess,
+                "eval_resize": meta.eval_resize,
                 "mean": list(meta.mean),
                 "std": list(meta.std),
                 "input_layout": meta.input_layout,

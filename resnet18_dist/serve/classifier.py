@@ -1,8 +1,10 @@
 """Classify images with an exported ONNX model: ONNX Runtime, PIL and numpy only (no torch).
 
 Preprocessing reproduces the training evaluation transform from the model's own metadata:
-RGB, bilinear resize to ``image_size`` (PIL, as torchvision does for PIL images), scale to
-[0, 1], normalise with ``mean``/``std``. The REST endpoint (``serve/app.py``) uses this class too.
+RGB, its geometry (``preprocess``: the whole image resized to ``image_size``, or a photo's
+shorter side to ``eval_resize`` and the centre crop; PIL bilinear, as torchvision resizes PIL
+images; ``preprocessing.py``), scale to [0, 1], normalise with ``mean``/``std``. The REST
+endpoint (``serve/app.py``) uses this class too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from PIL import Image
 from resnet18_dist.errors import UserError
 from resnet18_dist.imaging import BadImage, ImageTooLarge, decode_upright
 from resnet18_dist.model_meta import MODEL_INT8_ONNX, MODEL_ONNX, ExportMeta
+from resnet18_dist.preprocessing import eval_geometry
 
 
 class PredictError(ValueError, UserError):
@@ -87,10 +90,11 @@ class OnnxClassifier:
         return cls(session, meta, path)
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
-        size = self.meta.image_size
+        m = self.meta
         arrays = [
             np.asarray(
-                img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
+                eval_geometry(img.convert("RGB"), m.preprocess, m.image_size, m.eval_resize),
+                dtype=np.float32,
             )
             for img in images
         ]

@@ -40,7 +40,12 @@ class BatchClassified(Identity):
 
 class ModelInfo(Identity):
     classes: list[str]
-    input_size: int = Field(description="Images are resized to input_size x input_size.")
+    input_size: int = Field(description="The model's input is input_size x input_size.")
+    preprocess: str = Field(
+        description="How an image is brought to that square: squash (resized whole) or photo "
+        "(shorter side resized to eval_resize, then the centre crop)."
+    )
+    eval_resize: int = Field(description="photo: the shorter side before the centre crop.")
     mean: list[float]
     std: list[float]
     input_layout: str
