@@ -70,9 +70,10 @@ class DataConfig(Options):
         "Training augmentation policy: seed (flip, rotate 15, jitter 0.2), cifar (reflect-pad "
         "4 px at 32 px, scaled with size, + random crop + flip), trivialaugment / autoaugment "
         "(cifar's crop + flip for images <= 64 px, else flip; then TrivialAugmentWide, or the "
-        "AutoAugment policy: CIFAR-10's for images <= 64 px, else ImageNet's), none. auto = "
-        "the dataset's hint if it has one (digits: none), else cifar for images <= 64 px, else "
-        "seed.",
+        "AutoAugment policy: CIFAR-10's for images <= 64 px, else ImageNet's), none. With "
+        "--preprocess photo, its random resized crop and flip replace these crops and flips. "
+        "auto = the dataset's hint if it has one (digits: none), else cifar for images <= 64 "
+        "px, else seed.",
         choices=AUGMENT_POLICIES,
     )
     preprocess: str = opt(
@@ -82,7 +83,7 @@ class DataConfig(Options):
         "random resized crop, area 8-100% and aspect ratio 3/4-4/3, + flip; in evaluation, "
         "export, predict and serving the shorter side resized to size / 0.875, then the centre "
         "size x size). auto = photo when the dataset's images are not all square or are larger "
-        "than the image size, else squash.",
+        "than the image size (squares of at most 64 px stay squashed), else squash.",
         choices=PREPROCESS_POLICIES,
     )
     random_erasing: float = opt(

@@ -48,7 +48,13 @@ class ExportMeta:
     input_layout: str = SQUASH_LAYOUT
     format: str = FORMAT
     preprocess: str = "squash"  # squash | photo (resnet18_dist/preprocessing.py)
-    eval_resize: int = 0  # photo: the shorter side before the centre crop
+    # photo: the shorter side before the centre crop; squash: image_size (also for exports
+    # from before it was recorded, which read 0 here).
+    eval_resize: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.eval_resize:
+            object.__setattr__(self, "eval_resize", self.image_size)
 
     @classmethod
     def describe(cls, *, preprocess: str, eval_resize: int, **fields: Any) -> ExportMeta:

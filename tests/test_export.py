@@ -103,8 +103,9 @@ def test_onnx_fp32_agrees_with_pytorch_on_real_test_images(
     from resnet18_dist.data.manifest import Manifest
     from resnet18_dist.export.pipeline import _split_array
 
-    x, _ = _split_array(Manifest.load(digits_dataset), "test", 8, 100)
-    model, _ = load_model_pt(out / "model.pt")
+    model, meta = load_model_pt(out / "model.pt")
+    assert (meta.image_size, meta.preprocess, meta.eval_resize) == (8, "squash", 8)
+    x, _ = _split_array(Manifest.load(digits_dataset), "test", meta, 100)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     got = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": x})[0]
@@ -335,6 +336,7 @@ def test_an_int8_model_that_loses_accuracy_fails_the_gate(
     assert "FAILED: more than --max-int8-drop 1" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_sweeps_best_trial_export_fails_the_export_commands_way(
     small_run: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -484,6 +486,7 @@ def _mobile_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in MOBILE_MODULES)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_mobile_installed(), reason="the mobile extra is installed here")
 def test_mobile_without_its_extra_exits_2_naming_the_extra(small_run: Path, tmp_path: Path) -> None:
     proc = launch(
@@ -542,7 +545,7 @@ def test_mobile_artifacts_run_in_their_own_runtimes_within_the_gate(
     # The artifacts, run here through their own runtimes on real test images, give ONNX
     # Runtime's answers.
     manifest = Manifest.load(dataset_dir(report["data_dir"]))
-    x, _ = _split_array(manifest, "test", meta.image_size, 16, True)
+    x, _ = _split_array(manifest, "test", meta, 16, True)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     expected = session.run(None, {meta.input_name: x})[0]
     method = Runtime.get().load_program(out / "model.pte").load_method("forward")

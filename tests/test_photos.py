@@ -21,7 +21,7 @@ from resnet18_dist.data.loaders import build_loaders, loader_settings
 from resnet18_dist.data.manifest import Manifest
 from resnet18_dist.data.policy import DataPolicy, resolve_policy
 from resnet18_dist.data.prepare import PrepareOptions, prepare_dataset
-from resnet18_dist.data.torch_loader import eval_transform
+from resnet18_dist.data.torch_loader import eval_transform, train_transform
 from resnet18_dist.model_meta import ExportMeta
 from resnet18_dist.models import ModelSpec, build_model
 from resnet18_dist.models.model_file import load_model_pt, save_model_pt
@@ -30,8 +30,9 @@ from resnet18_dist.serve.classifier import OnnxClassifier
 
 from .conftest import REPO, make_color_folder, user_env
 
-# Landscape, portrait, odd sides (so that centre offsets round half to even), one very wide.
-PHOTO_SIDES = [(160, 120), (120, 160), (151, 100), (97, 131), (200, 90)]
+# Landscape, portrait, odd sides (so that centre offsets round half to even), one very wide,
+# and one of a camera's proportions large enough that resizing it must antialias.
+PHOTO_SIDES = [(160, 120), (120, 160), (151, 100), (97, 131), (200, 90), (1200, 800)]
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230)]
 
 
@@ -70,7 +71,7 @@ def prepared_photos(photos: Path) -> Manifest:
 def test_auto_picks_the_photo_geometry_for_photos_and_squash_for_small_squares(
     prepared_photos: Manifest, digits_dataset: Path, tmp_path: Path
 ) -> None:
-    assert prepared_photos.all_square is False and prepared_photos.max_side == 200
+    assert prepared_photos.all_square is False and prepared_photos.max_side == 1200
     policy = resolve_policy(DataConfig(image_size=64), prepared_photos)
     assert (policy.preprocess, policy.preprocess_reason) == (
         "photo",
@@ -83,15 +84,26 @@ def test_auto_picks_the_photo_geometry_for_photos_and_squash_for_small_squares(
     assert digits.all_square
     assert resolve_policy(DataConfig(), digits).preprocess == "squash"
     squares = tmp_path / "squares"
-    make_color_folder(squares / "src", num_classes=2, per_class=10, size=16)
+    make_color_folder(squares / "src", num_classes=2, per_class=10, size=96)
     prepare_dataset(PrepareOptions(source=str(squares / "src"), out=str(squares / "p"), quiet=True))
     sq = Manifest.load(squares / "p")
-    assert resolve_policy(DataConfig(image_size=16), sq).preprocess == "squash"
-    assert resolve_policy(DataConfig(image_size=32), sq).preprocess == "squash"
-    smaller = resolve_policy(DataConfig(image_size=8), sq)  # squares larger than the input
+    assert resolve_policy(DataConfig(image_size=96), sq).preprocess == "squash"
+    assert resolve_policy(DataConfig(image_size=128), sq).preprocess == "squash"
+    smaller = resolve_policy(DataConfig(image_size=64), sq)  # squares larger than the input
     assert (smaller.preprocess, smaller.preprocess_reason) == (
         "photo",
-        "auto: images up to 16 px, larger than 8 px",
+        "auto: images up to 96 px, larger than 64 px",
+    )
+    # Small squares stay squashed even when downscaled (CIFAR's 32 px at 16 px): a random
+    # resized crop of a few pixels, or a centre crop cutting an eighth, would not help them.
+    make_color_folder(squares / "src32", num_classes=2, per_class=10, size=32)
+    prepare_dataset(
+        PrepareOptions(source=str(squares / "src32"), out=str(squares / "32"), quiet=True)
+    )
+    at_16 = resolve_policy(DataConfig(image_size=16), Manifest.load(squares / "32"))
+    assert (at_16.preprocess, at_16.preprocess_reason) == (
+        "squash",
+        "auto: square images of at most 32 px",
     )
     # The option overrides auto either way.
     assert resolve_policy(DataConfig(image_size=64, preprocess="squash"), prepared_photos) == (
@@ -102,7 +114,7 @@ def test_auto_picks_the_photo_geometry_for_photos_and_squash_for_small_squares(
     raw = json.loads((squares / "p" / "manifest.json").read_text())
     del raw["image"]["all_square"]
     (squares / "p" / "manifest.json").write_text(json.dumps(raw))
-    assert Manifest.load(squares / "p").all_square  # native_size 16: all the same square
+    assert Manifest.load(squares / "p").all_square  # native_size 96: all the same square
     with pytest.raises(Exception, match="preprocess"):
         DataConfig(preprocess="crop").validate()
 
@@ -148,6 +160,50 @@ def test_predict_and_serving_preprocess_exactly_as_evaluation(
             ref = transform(img.convert("RGB")).numpy()
         assert ours.shape == (3, size, size)
         np.testing.assert_allclose(ours, ref, atol=1e-5, err_msg=str(f))
+
+
+@pytest.mark.parametrize("augment", ["seed", "cifar", "trivialaugment", "autoaugment", "none"])
+def test_photo_training_is_one_random_resized_crop_and_one_flip_then_the_policy(
+    augment: str,
+) -> None:
+    from torchvision.transforms import v2
+
+    steps = train_transform(DataPolicy(96, augment, preprocess="photo")).transforms
+    kinds = [type(t) for t in steps]
+    if augment == "none":  # the evaluation geometry: no randomness
+        assert kinds[:2] == [v2.Resize, v2.CenterCrop] and steps[0].size == [109]
+        return
+    crop = steps[0]
+    assert isinstance(crop, v2.RandomResizedCrop) and crop.size == (96, 96)
+    assert (crop.scale, crop.ratio) == ((0.08, 1.0), (3 / 4, 4 / 3))
+    assert kinds.count(v2.RandomHorizontalFlip) == 1 and kinds[1] is v2.RandomHorizontalFlip
+    assert v2.RandomCrop not in kinds and v2.Resize not in kinds  # no squash, no padded crop
+    extra = {
+        "seed": [v2.RandomRotation, v2.ColorJitter],
+        "cifar": [],
+        "trivialaugment": [v2.TrivialAugmentWide],
+        "autoaugment": [v2.AutoAugment],
+    }[augment]
+    assert kinds[2 : 2 + len(extra)] == extra
+    # The squashed geometry keeps its own: a resize to the square, the policy's crop and flip.
+    squash = [type(t) for t in train_transform(DataPolicy(96, augment)).transforms]
+    assert squash[0] is v2.Resize and v2.RandomResizedCrop not in squash
+
+
+def test_a_checkpoint_from_before_the_geometry_exports_squashed(
+    small_run: Path, tmp_path: Path
+) -> None:
+    from resnet18_dist.checkpoint_file import load_checkpoint
+    from resnet18_dist.export.artifact import model_from_checkpoint
+
+    state = load_checkpoint(small_run)
+    assert state["resolved"]["preprocess"] == "squash"
+    for key in ("preprocess", "preprocess_reason", "eval_resize"):
+        del state["resolved"][key]
+    old = tmp_path / "old.pt"
+    torch.save({k: v for k, v in state.items() if k != "_path"}, old)
+    _, _, meta = model_from_checkpoint(old)
+    assert (meta.preprocess, meta.eval_resize, meta.image_size) == ("squash", 8, 8)
 
 
 def test_export_metadata_round_trips_the_geometry(tmp_path: Path) -> None:
@@ -270,8 +326,10 @@ def test_fine_tune_torchvision_weights_on_photos_then_export_and_serve(
 ) -> None:
     """Photos a user brings (non-square JPEGs), prepared, fine-tuned from a torchvision
     ResNet18 weights file (torchvision's format; its ImageNet download needs the internet) on
-    both loader backends (Ray Train with torchvision, the accelerate launcher with DALI),
-    exported, served, and the served answer for a non-square photo compared with predict's."""
+    both loader backends (Ray Train with torchvision, the accelerate launcher with DALI); the
+    DALI run (trained on DALI's crops, served through PIL's geometry) exported and served, and
+    the served answer for a non-square photo compared with predict's and with the ONNX model
+    fed the evaluation tensor."""
     cwd = tmp_path / "work"
     cwd.mkdir()
     (cwd / "launch").symlink_to(REPO / "launch")
@@ -305,12 +363,12 @@ def test_fine_tune_torchvision_weights_on_photos_then_export_and_serve(
 
     _sh(
         cwd,
-        "python launch/export.py --checkpoint runs/tv --out exports/tv "
+        "python launch/export.py --checkpoint runs/dali --out exports/dali "
         "--latency-iters 2 --throughput-seconds 0.1 --max-int8-drop 100",
     )
-    meta = json.loads((cwd / "exports" / "tv" / "meta.json").read_text())
+    meta = json.loads((cwd / "exports" / "dali" / "meta.json").read_text())
     assert (meta["preprocess"], meta["eval_resize"], meta["image_size"]) == ("photo", 82, 72)
-    clf = OnnxClassifier.load(cwd / "exports" / "tv")  # the ONNX model's own metadata_props
+    clf = OnnxClassifier.load(cwd / "exports" / "dali")  # the ONNX model's own metadata_props
     assert (clf.meta.preprocess, clf.meta.eval_resize) == ("photo", 82)
 
     photo = "photos/class1/004.jpg"  # relative, as a user types it
@@ -326,10 +384,10 @@ def test_fine_tune_torchvision_weights_on_photos_then_export_and_serve(
     assert np.abs(wrong - right).max() > 1e-3, (wrong, right)
     assert expected.max() < 0.999, expected  # not saturated: the comparisons below can fail
 
-    printed = _sh(cwd, f"python launch/predict.py --model exports/tv --top-k 3 {photo}")
+    printed = _sh(cwd, f"python launch/predict.py --model exports/dali --top-k 3 {photo}")
     from .test_serve import start_server, stop_server
 
-    server = start_server(cwd / "exports" / "tv", tmp_path)
+    server = start_server(cwd / "exports" / "dali", tmp_path)
     try:
         info = requests.get(server.url + "/v1/model", timeout=30).json()
         assert (info["preprocess"], info["eval_resize"], info["input_size"]) == ("photo", 82, 72)

@@ -115,7 +115,8 @@ def test_auto_policy_by_hint_then_size(small_digits: Path, digits_dataset: Path)
     assert resolve_policy(DataConfig(), m) == DataPolicy(8, "cifar")
     assert resolve_policy(DataConfig(image_size=96), m) == DataPolicy(96, "seed")
     m.native_size, m.max_side = None, 500
-    assert resolve_policy(DataConfig(), m) == DataPolicy(224, "seed")
+    # Photos: not square, or larger than the image size (tests/test_photos.py).
+    assert resolve_policy(DataConfig(), m) == DataPolicy(224, "seed", preprocess="photo")
 
 
 def test_a_corrupt_image_in_a_shard_names_shard_and_key(tmp_path: Path, small_digits: Path) -> None:

@@ -61,7 +61,11 @@ class Manifest:
     raw: dict[str, Any]
     # Every image square (of any size). Manifests from before it was recorded: known only
     # when every image has the same square size.
-    all_square: bool = False
+    all_square: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.all_square is None:
+            self.all_square = self.native_size is not None
 
     @property
     def num_classes(self) -> int:
@@ -111,9 +115,7 @@ class Manifest:
                 native_size=raw["image"]["native_size"],
                 max_side=int(raw["image"]["max_side"]),
                 raw=raw,
-                all_square=bool(
-                    raw["image"].get("all_square", raw["image"]["native_size"] is not None)
-                ),
+                all_square=raw["image"].get("all_square"),
             )
             for split in SPLITS:
                 for shard in manifest.shards[split]:

@@ -60,6 +60,9 @@ class DataPolicy:
     random_erasing: float = 0.0  # probability per training image
     preprocess: str = SQUASH  # squash | photo (resolved, never auto; see preprocessing.py)
     preprocess_reason: str = field(default="", compare=False)  # why (console, run_info.json)
+    # photo: the shorter side before the centre crop when an export's metadata says it
+    # (export/pipeline.py); 0 = the rule's (preprocessing.photo_resize).
+    resize: int = 0
 
     @property
     def photo(self) -> bool:
@@ -68,7 +71,9 @@ class DataPolicy:
     @property
     def eval_resize(self) -> int:
         """Evaluation's shorter side before the centre crop (photo); the side itself (squash)."""
-        return photo_resize(self.image_size) if self.photo else self.image_size
+        if not self.photo:
+            return self.image_size
+        return self.resize or photo_resize(self.image_size)
 
     @property
     def random_crop(self) -> bool:
@@ -100,9 +105,11 @@ def resolve_preprocess(requested: str, manifest: Manifest, size: int) -> tuple[s
         return requested, "--preprocess"
     if not manifest.all_square:
         return PHOTO, "auto: the images are not all square"
-    if manifest.max_side > size:
+    # Small squares (CIFAR at 16 px, say) are squashed even when downscaled: an 8 % crop of a
+    # 32-px image leaves a few pixels, and the centre crop would cut an eighth of each side.
+    if manifest.max_side > max(size, SMALL_IMAGE_MAX):
         return PHOTO, f"auto: images up to {manifest.max_side} px, larger than {size} px"
-    return SQUASH, f"auto: square images of at most {size} px"
+    return SQUASH, f"auto: square images of at most {manifest.max_side} px"
 
 
 def resolve_policy(cfg: DataConfig, manifest: Manifest) -> DataPolicy:

@@ -196,7 +196,9 @@ def _split_array(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed images (N, 3, H, W) float32 and labels, with the training eval transform
     of the model's geometry."""
-    policy = DataPolicy(meta.image_size, "none", preprocess=meta.preprocess)
+    policy = DataPolicy(
+        meta.image_size, "none", preprocess=meta.preprocess, resize=meta.eval_resize
+    )
     ds = ShardDataset(manifest, split, eval_transform(policy))
     n = len(ds) if limit <= 0 else min(limit, len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=256)
