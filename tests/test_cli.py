@@ -183,6 +183,7 @@ def test_ray_train_v1_is_refused_before_ray_starts(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_the_console_command_offers_every_subcommand() -> None:
     """`pip install -e .` installs `resnet18-dist`; its subcommands take the launchers' options."""
     exe = Path(sys.executable).with_name("resnet18-dist")

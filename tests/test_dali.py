@@ -193,6 +193,7 @@ def test_close_releases_the_pipeline(small_digits: Path) -> None:
     assert pipe() is None and loader._pipe is None
 
 
+@pytest.mark.slow
 def test_resume_with_dali_gives_the_same_weights(small_digits: Path, tmp_path: Path) -> None:
     """Per-(seed, rank, epoch) pipelines: an interrupted and resumed run matches a straight one."""
     from resnet18_dist.checkpoint_file import load_checkpoint
@@ -294,6 +295,7 @@ def _count_hashes_in_two_rank_run(rank: int, world: int, data: str, out: str) ->
     (Path(out) / f"hashed{rank}.txt").write_text("\n".join(hashed))
 
 
+@pytest.mark.slow
 def test_shards_are_hashed_once_per_node_not_once_per_rank(
     small_digits: Path, tmp_path: Path
 ) -> None:

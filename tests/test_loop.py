@@ -248,6 +248,7 @@ def _train_two_ranks_recording_eval_buffers(rank: int, world: int, data: str, ou
     torch.save(records, Path(out) / f"buffers{rank}.pt")
 
 
+@pytest.mark.slow
 def test_every_rank_evaluates_with_the_same_batchnorm_statistics(
     small_digits: Path, tmp_path: Path
 ) -> None:

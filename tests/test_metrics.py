@@ -66,6 +66,7 @@ def _eval(rank: int, world: int, data: str, weights: str, out: str) -> None:
 EVAL_BATCH = 269
 
 
+@pytest.mark.slow
 def test_two_rank_metrics_equal_one_rank_metrics(digits_dataset: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model(SPEC)

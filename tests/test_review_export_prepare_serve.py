@@ -107,6 +107,7 @@ def test_the_stated_memory_bound_counts_4_bytes_per_pixel() -> None:
 
 
 # ------------------------------------------------------------------ 2. --out is not rm -rf
+@pytest.mark.slow
 def test_prepare_refuses_an_out_it_did_not_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,6 +137,7 @@ def test_prepare_refuses_an_out_it_did_not_write(
     assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("data/y")} == before
 
 
+@pytest.mark.slow
 def test_export_refuses_a_run_directory_the_cwd_and_other_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -135,6 +135,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_a_refused_option_exits_2_on_every_accelerate_rank(tmp_path: Path) -> None:
     # `accelerate launch --num_processes 2` on a CPU machine starts one process; torchrun gives
     # the Accelerator two ranks (as tests/test_accelerate_wandb.py does). Either launcher
@@ -210,6 +211,7 @@ def test_a_bucket_runs_model_is_logged_as_an_artifact(
     assert "model-bucketrun" in text  # the artifact, logged from the local copy
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_one_wandb_run_quietly(small_digits: Path, tmp_path: Path) -> None:
     def train(*args: str) -> str:
         proc = subprocess.run(

@@ -137,6 +137,7 @@ def test_compile_gives_the_eager_loss_on_a_fixed_batch() -> None:
     assert compiled_losses == pytest.approx(eager, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_without_a_cxx_compiler_warns_once_and_trains_eagerly(
     small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
@@ -232,6 +233,7 @@ def test_no_host_synchronisation_inside_training_and_evaluation_steps(small_digi
     assert result["samples"] == sum(len(y) for _, y in val)
 
 
+@pytest.mark.slow
 def test_benchmark_prints_the_three_rates_and_their_ratios(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = launch(
@@ -266,6 +268,7 @@ def test_benchmark_refuses_bad_sizes_naming_the_option() -> None:
     assert proc.returncode == 2 and "--sizes" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_at_a_tiny_size_and_writes_its_figures(tmp_path: Path) -> None:
     """The GPU check's CPU mode: the same steps (benchmark, figures file) on the digits; its
     Ray training step is left out here (--no-train), so no Ray cluster starts in this test."""

@@ -284,6 +284,7 @@ def test_a_dataset_in_a_bucket_is_copied_once_and_every_shard_checked(
     assert not list(tmp_path.rglob("escaped.tar"))
 
 
+@pytest.mark.slow
 def test_a_bucket_dataset_of_many_shards_is_fetched_several_at_a_time(
     s3: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -429,6 +430,7 @@ def test_ranks_on_a_node_share_one_copy_and_a_new_version_replaces_an_unused_one
     assert fetch_dataset(uri, cache=cache) == third and not held.exists()  # the next fetch drops it
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_is_a_clear_error_before_training(
     s3: dict[str, str], digits_dataset: Path
 ) -> None:
