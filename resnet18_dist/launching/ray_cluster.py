@@ -4,6 +4,7 @@ imports neither torch nor the training stack, so a launcher starts Ray while tho
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -162,9 +163,13 @@ def check_resources(
     )
 
     total, per_node, gpus = cluster_capacity()
-    scaler = autoscaler_kind() if cluster.wait_for_resources > 0 else None
+
+    @functools.cache
+    def scaler() -> str | None:  # asked (GCS and KV reads) only where the live nodes fall short
+        return autoscaler_kind() if cluster.wait_for_resources > 0 else None
+
     use_gpu = resolve_use_gpu(device, gpus)
-    if device.use_gpu == "auto" and not gpus and scaler == "v2" and can_ever_hold([{"GPU": 1.0}]):
+    if device.use_gpu == "auto" and not gpus and scaler() == "v2" and can_ever_hold([{"GPU": 1.0}]):
         print("No GPU node is up; the autoscaler can add GPU nodes: training on GPUs", flush=True)
         use_gpu = True
     if device.amp == "fp16" and not use_gpu:  # else each worker refuses it after Ray starts
@@ -176,7 +181,7 @@ def check_resources(
     if short is None:
         return use_gpu
     option, message = short
-    if scaler is None:
+    if scaler() is None:
         raise ConfigError(option, message)
     if not trial_waits:
         bundle = {"CPU": float(cpus), **({"GPU": 1.0} if use_gpu else {})}
@@ -184,7 +189,7 @@ def check_resources(
             [bundle] * workers,
             cluster.placement.upper(),  # Ray Train's own strategy (integrations/ray_train.py)
             cluster.wait_for_resources,
-            scaler,
+            scaler(),
             option,
             message,
         )
