@@ -140,10 +140,12 @@ def load_launcher(name: str):
 
 @pytest.fixture(scope="session")
 def small_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 1-epoch run on the small digits (a real checkpoint for tests that need one)."""
+    """A finished 1-epoch run of a quarter-width ResNet18 on the small digits (a real
+    checkpoint for tests that need one)."""
     from resnet18_dist.config import (
         DataConfig,
         LoggingConfig,
+        ModelConfig,
         OptimConfig,
         RunDirConfig,
         TrainConfig,
@@ -155,6 +157,9 @@ def small_run(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     run_dir = tmp_path_factory.mktemp("small-run") / "run"
     cfg = TrainConfig(
         data=DataConfig(data_dir=str(small_digits), batch_size=32),
+        # A quarter-width ResNet18 (the same code path, 1/16 of the weights): the tests that
+        # use this run check files, refusals and export errors, not what the model learned.
+        model=ModelConfig(width=0.25),
         optim=OptimConfig(epochs=1, lr=0.05),
         run=RunDirConfig(seed=1),
         logging=LoggingConfig(quiet=True, wandb_mode="disabled"),

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,8 +157,18 @@ class LoopbackCluster:
         return node
 
     def start_head(self, cpus: int = 0, resources: dict[str, float] | None = None) -> Node:
-        return self._started(
-            self._start(
+        return self._start_head(lambda: [], cpus, resources or {})
+
+    def _start_head(
+        self, extra: Callable[[], list[str]], cpus: int, resources: dict[str, float]
+    ) -> Node:
+        """`ray start --head`, once more on fresh ports if it exits before its raylet joins.
+        Seen once in CI (the autoscaling head): `ray start` gave up after 30 s with "The
+        current node timed out during startup"; a port probed free and then taken by another
+        process before the raylet bound it is one cause a second try on new ports avoids.
+        ``extra`` is called per try, after the ports are chosen (a config naming them)."""
+        for attempt in (1, 2):
+            node = self._start(
                 "head",
                 [
                     "--head",
@@ -165,11 +176,22 @@ class LoopbackCluster:
                     *("--dashboard-host", "127.0.0.1"),
                     *("--dashboard-port", str(self.dashboard_port)),
                     *("--include-dashboard", "true"),
+                    *extra(),
                 ],
                 cpus,
-                resources or {},
+                resources,
             )
-        )
+            try:
+                return self._started(node)
+            except RuntimeError as err:
+                if attempt == 2:
+                    raise
+                print(f"retrying on new ports: {err}", file=sys.stderr)  # shown if a test fails
+                self.kill(node)  # whatever of it still runs
+                self.nodes.remove(node)
+                self.gcs_port, self.dashboard_port = free_port(), free_port()
+                self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
+        raise AssertionError("unreachable")
 
     def start_autoscaling_head(self, node_types: dict[str, dict], cpus: int = 0) -> Node:
         """A head whose autoscaler (v2, as cluster/ configures it) starts worker nodes of
@@ -223,7 +245,12 @@ class LoopbackCluster:
             "worker_start_ray_commands": [],
         }
         path = self.tmp / "autoscaling.json"  # JSON is YAML
-        path.write_text(json.dumps(config))
+
+        def write_config() -> list[str]:
+            config["provider"]["gcs_address"] = self.address  # this try's port
+            path.write_text(json.dumps(config))
+            return [f"--autoscaling-config={path}"]
+
         self.env.update(
             RAY_FAKE_CLUSTER="1",
             AUTOSCALER_UPDATE_INTERVAL_S="1",
@@ -232,21 +259,7 @@ class LoopbackCluster:
             RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
         )
         try:
-            return self._started(
-                self._start(
-                    "head",
-                    [
-                        "--head",
-                        *("--port", str(self.gcs_port)),
-                        *("--dashboard-host", "127.0.0.1"),
-                        *("--dashboard-port", str(self.dashboard_port)),
-                        *("--include-dashboard", "true"),
-                        f"--autoscaling-config={path}",
-                    ],
-                    cpus,
-                    {},
-                )
-            )
+            return self._start_head(write_config, cpus, {})
         finally:
             # Drivers and the nodes the autoscaler starts are not the head: they keep their own.
             for name in ("RAY_CLOUD_INSTANCE_ID", "RAY_OVERRIDE_NODE_ID_FOR_TESTING"):
@@ -299,12 +312,23 @@ class LoopbackCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if node.proc.poll() is not None:
-                raise RuntimeError(f"ray start {node.name} exited:\n{node.log.read_text()}")
+                raise RuntimeError(
+                    f"ray start {node.name} exited:\n{node.log.read_text()}{self._logs(node)}"
+                )
             for node_id, name in (self._alive_nodes_or_none() or {}).items():
                 if name == node.name:
                     return node_id
             time.sleep(0.25)
         raise TimeoutError(f"node {node.name} did not join:\n{node.log.read_text()}")
+
+    def _logs(self, node: Node, lines: int = 15) -> str:
+        """The last lines of the node's raylet and GCS logs (removed with the cluster)."""
+        logs = self.temp_root / node.name / "session_latest" / "logs"
+        tails = []
+        for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err"):
+            if (f := logs / name).is_file() and (text := f.read_text(errors="replace").strip()):
+                tails.append(f"--- {name}:\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n" + "\n".join(tails) if tails else ""
 
     def kill(self, node: Node) -> list[int]:
         """SIGKILL the node's raylet, its workers and its `ray start`: a machine lost."""

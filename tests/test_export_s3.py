@@ -53,18 +53,30 @@ def test_an_export_on_s3_is_published_whole_and_served_from_the_bucket(
         *("--checkpoint", f"runs/{run.name}", "--out", EXPORT, *BRIEF),
     ]
 
-    # 1. Killed while it uploads: the objects written so far are not an export.
+    # 1. Killed while it uploads: the objects written so far are not an export. The export
+    # command's last step, its upload (export/bucket.upload_export, what `--out s3://` runs
+    # once the files are written), runs in a process of its own, killed once the first object
+    # is in the bucket: the same cut-off publish as a killed `launch/export.py`, without
+    # computing an export to be thrown away first (the command itself runs whole in step 2).
     env = {**user_env(), **s3, "RESNET18_DIST_CACHE": str(cache)}
     log = tmp_path / "killed.log"
+    publish = (
+        "import sys; from pathlib import Path; from resnet18_dist.export.bucket import "
+        "upload_export; upload_export(Path(sys.argv[1]), sys.argv[2])"
+    )
     with log.open("w") as out:
         proc = subprocess.Popen(
-            ["python", *export_cmd], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-c", publish, str(digits_export[0]), EXPORT],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 300
     while not objects(s3, PREFIX):
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = objects(s3, PREFIX)

@@ -325,9 +325,9 @@ def test_fine_tune_torchvision_weights_on_photos_then_export_and_serve(
     tmp_path: Path,
 ) -> None:
     """Photos a user brings (non-square JPEGs), prepared, fine-tuned from a torchvision
-    ResNet18 weights file (torchvision's format; its ImageNet download needs the internet) on
-    both loader backends (Ray Train with torchvision, the accelerate launcher with DALI); the
-    DALI run (trained on DALI's crops, served through PIL's geometry) exported and served, and
+    ResNet18 weights file (torchvision's format; its ImageNet download needs the internet) with
+    DALI through the accelerate launcher; the run (trained on DALI's crops, served through
+    PIL's geometry) exported and served, and
     the served answer for a non-square photo compared with predict's and with the ONNX model
     fed the evaluation tensor."""
     cwd = tmp_path / "work"
@@ -344,22 +344,22 @@ def test_fine_tune_torchvision_weights_on_photos_then_export_and_serve(
     common = (
         "--data-dir data/photos --pretrained resnet18.pth --image-size 72 --batch-size 4 --lr 0.001"
     )
-    log = _sh(cwd, f"python launch/train.py {common} --epochs 2 --num-workers 1 --name tv")
-    assert "preprocess photo (auto: the images are not all square)" in log, log[-3000:]
-    assert "stem imagenet" in log  # 72 px > 64: torchvision's 7x7 stem, its weights loaded
-    info = json.loads((cwd / "runs" / "tv" / "run_info.json").read_text())["resolved"]
-    assert (info["preprocess"], info["eval_resize"], info["data_backend"]) == (
-        "photo",
-        82,
-        "torchvision",
-    )
+    # One epoch with DALI through the accelerate launcher (no Ray start; Ray Train's own path
+    # for these options is tests/test_paths.py, the torchvision loader's photo crop is
+    # test_photo_training_is_one_random_resized_crop_and_one_flip_then_the_policy above).
     log = _sh(
         cwd,
         f"python launch/train_accelerate.py {common} --epochs 1 --data-backend dali "
         "--output-dir runs --name dali --wandb-mode disabled",
     )
+    assert "preprocess photo (auto: the images are not all square)" in log, log[-3000:]
+    assert "stem imagenet" in log  # 72 px > 64: torchvision's 7x7 stem, its weights loaded
     info = json.loads((cwd / "runs" / "dali" / "run_info.json").read_text())["resolved"]
-    assert (info["preprocess"], info["data_backend"]) == ("photo", "dali"), log[-3000:]
+    assert (info["preprocess"], info["eval_resize"], info["data_backend"]) == (
+        "photo",
+        82,
+        "dali",
+    ), log[-3000:]
 
     _sh(
         cwd,
