@@ -187,7 +187,10 @@ class LoopbackCluster:
                 if attempt == 2:
                     raise
                 print(f"retrying on new ports: {err}", file=sys.stderr)  # shown if a test fails
-                self.kill(node)  # whatever of it still runs
+                # Whatever of it still runs: its GCS, raylet and dashboard were started in the
+                # session of `ray start` (start_new_session), which has exited and been reaped.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(node.proc.pid, signal.SIGKILL)
                 self.nodes.remove(node)
                 self.gcs_port, self.dashboard_port = free_port(), free_port()
                 self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard

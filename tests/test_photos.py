@@ -344,9 +344,11 @@ def test_fine_tune_torchvision_weights_on_photos_then_export_and_serve(
     common = (
         "--data-dir data/photos --pretrained resnet18.pth --image-size 72 --batch-size 4 --lr 0.001"
     )
-    # One epoch with DALI through the accelerate launcher (no Ray start; Ray Train's own path
-    # for these options is tests/test_paths.py, the torchvision loader's photo crop is
-    # test_photo_training_is_one_random_resized_crop_and_one_flip_then_the_policy above).
+    # One epoch with DALI through the accelerate launcher (no Ray start). The torchvision
+    # loader's photo crop is test_photo_training_is_one_random_resized_crop_and_one_flip_then_
+    # the_policy above; that a relative --pretrained reaches Ray workers as an absolute path,
+    # tests/test_paths.py (test_every_path_option_is_declared_and_made_absolute; its Ray run
+    # passes one, but resumes, so it does not load it).
     log = _sh(
         cwd,
         f"python launch/train_accelerate.py {common} --epochs 1 --data-backend dali "
@@ -354,6 +356,7 @@ def test_fine_tune_torchvision_weights_on_photos_then_export_and_serve(
     )
     assert "preprocess photo (auto: the images are not all square)" in log, log[-3000:]
     assert "stem imagenet" in log  # 72 px > 64: torchvision's 7x7 stem, its weights loaded
+    assert f"pretrained weights from {cwd / 'resnet18.pth'}; fresh: fc.bias, fc.weight" in log
     info = json.loads((cwd / "runs" / "dali" / "run_info.json").read_text())["resolved"]
     assert (info["preprocess"], info["eval_resize"], info["data_backend"]) == (
         "photo",

@@ -253,7 +253,9 @@ SKIPPED: tuple[Skip, ...] = (
         "weights from elsewhere",
         "the file (or the ImageNet download) is the user's; tests/test_distill_finetune.py loads "
         "a torchvision teacher's and a torchvision ResNet18's weights from files, and "
-        "tests/test_photos.py fine-tunes the latter on photos it makes, with the photo geometry",
+        "tests/test_photos.py fine-tunes the latter on photos it makes, with the photo geometry "
+        "(through the accelerate launcher: the same training session as launch/train.py's "
+        "workers, without a Ray start)",
         (
             "python launch/train.py --teacher resnet50 --teacher-weights "
             "resnet50-on-my-classes.pth",
